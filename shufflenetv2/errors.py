@@ -1,0 +1,13 @@
+"""Errors meant for users: the CLI prints them as one paragraph, without a traceback."""
+
+
+class ShuffleNetV2Error(Exception):
+    """Base class: the message says what was wrong and what to do about it."""
+
+
+class CheckpointError(ShuffleNetV2Error, ValueError):
+    """A weight file that cannot be read, or whose tensors do not fit the model."""
+
+
+class DownloadError(ShuffleNetV2Error, OSError):
+    """A pretrained file that could not be fetched or failed its hash check."""
