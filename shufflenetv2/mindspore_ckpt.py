@@ -185,12 +185,14 @@ def _decode(tag: str, dims: list[int], dtype: str, content: bytes, name: str) ->
             f"{np_dtype.itemsize}; the file is truncated or corrupt"
         )
     flat = np.frombuffer(content, np_dtype)
-    if dims in ([], [0]):  # MindSpore writes scalars with dims [] or [0]
+    if dims == [0] and flat.size == 0:  # an empty 1-d tensor: MindSpore writes it with dims [0] too
+        array = flat
+    elif dims in ([], [0]):  # MindSpore writes scalars with dims [] or [0]
         if flat.size != 1:
             raise CheckpointError(f"{name}: scalar {tag!r} holds {flat.size} values; the file is corrupt")
         array = flat.reshape(())
     else:
-        expected = 1
+        expected = 0 if 0 in dims else 1
         for d in dims:
             expected *= d
             if expected > flat.size:
@@ -200,7 +202,12 @@ def _decode(tag: str, dims: list[int], dtype: str, content: bytes, name: str) ->
                 f"{name}: parameter {tag!r} has shape {dims} but holds {flat.size} values; "
                 "the file is truncated or corrupt"
             )
-        array = flat.reshape(dims)
+        try:
+            array = flat.reshape(dims)
+        except ValueError as exc:  # more than numpy's 64 dimensions, or an unrepresentable empty shape
+            raise CheckpointError(
+                f"{name}: parameter {tag!r} has shape {dims}: {exc}; the file is corrupt"
+            ) from None
     if dtype == BFLOAT16:
         array = bfloat16_bits_to_float32(array)
     return array.copy()
@@ -289,9 +296,9 @@ def encode_value(tag: str, array: np.ndarray) -> list[bytes]:
     if type_name is None:
         raise CheckpointError(f"cannot write {tag!r}: dtype {array.dtype} has no MindSpore tensor_type")
     dims = list(array.shape) if array.ndim else [0]  # MindSpore's own scalar convention
-    flat = np.ascontiguousarray(array)
+    flat = np.ascontiguousarray(array).reshape(-1)  # MindSpore splits the flattened data, not axis 0
     slices = [flat]
-    if flat.nbytes > SLICE_BYTES and flat.ndim:
+    if flat.nbytes > SLICE_BYTES and array.ndim:
         slices = np.array_split(flat, -(-flat.nbytes // SLICE_BYTES))
     head = b"".join(_varint(1 << 3 | 0) + _varint(d) for d in dims) + _len_field(2, type_name.encode())
     return [

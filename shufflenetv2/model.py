@@ -10,7 +10,7 @@ a symmetric stem pool, a biased classifier, and equal branch widths in stride-2 
 parameter names match torchvision's so its state dicts load unchanged.
 
 The two agree on the channel plan only at x0.5 (see ``weights.convert_layout``).  Both accept any
-input of at least 32 px and keep ``forward`` free of Python-side bookkeeping so it compiles cleanly.
+input size (tested from 32 px up) and keep ``forward`` free of Python-side bookkeeping so it compiles cleanly.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
 STAGE_REPEATS = (4, 8, 4)
 LAYOUTS = ("mindcv", "torchvision")
 STEM_POOLS = ("same", "symmetric")
-MIN_INPUT_SIZE = 32
 
 
 def _dw_conv(channels: int, stride: int) -> nn.Conv2d:

@@ -1,0 +1,131 @@
+"""The ``shufflenetv2`` command: ``summary``, ``info``, ``convert`` and ``demo``.
+
+Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ShuffleNetV2Error
+from .factory import create_model
+from .model import LAYOUTS, WIDTHS, build_network
+from .summary import format_summary, summarize
+from .weights import read_weights, save_weights
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_summary(args: argparse.Namespace) -> None:
+    model = build_network(args.model, args.num_classes, args.in_channels, args.layout)
+    summary = summarize(model, (args.input_size, args.input_size))
+    print(format_summary(summary, f"{args.model} ({args.layout} layout, {args.num_classes} classes)", args.layers))
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    weights = read_weights(args.file, ema=args.ema)
+    info = {
+        "file": weights.source,
+        "format": weights.format,
+        "layout": weights.layout,
+        **{k: v for k, v in weights.arch.items() if k != "layout"},
+        "tensors": len(weights.tensors),
+        "parameters": int(sum(t.numel() for t in weights.tensors.values())),
+        "training_state_skipped": len(weights.skipped),
+        "metadata": weights.metadata,
+    }
+    print(json.dumps(info, indent=2))
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    source = read_weights(args.src, ema=args.ema)
+    name = args.model or source.arch["model"]
+    if name is None:
+        raise ShuffleNetV2Error(f"{args.src}: its tensors fit no ShuffleNetV2 width; pass --model to see the mismatches")
+    layout = args.layout or source.layout
+    num_classes, in_channels = source.arch["num_classes"], source.arch["in_channels"]
+    model = create_model(
+        str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=args.src, layout=layout, ema=args.ema
+    )
+    original = create_model(
+        str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=args.src, layout=source.layout,
+        ema=args.ema,
+    )
+    dst = save_weights(args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}")
+    # read back what was written and compare logits: a conversion that changes the numbers is a bug
+    reloaded = create_model(
+        str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=dst, layout=layout
+    )
+    x = torch.randn(2, in_channels, 97, 131, generator=torch.Generator().manual_seed(0))
+    diff = float((_logits(original, x) - _logits(reloaded, x)).abs().max())
+    print(
+        f"wrote {dst} ({read_weights(dst).format}, {layout} layout, {name}, {num_classes} classes); "
+        f"max |logit difference| vs {args.src}: {diff:.2e}"
+    )
+    if diff > 1e-4:
+        raise ShuffleNetV2Error(f"the converted weights change the logits by {diff:.2e}; {dst} should not be trusted")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shufflenetv2", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="parameters, MACs and a layer table of a model")
+    p.add_argument("model", choices=list(WIDTHS))
+    p.add_argument("--layout", choices=LAYOUTS, default="mindcv")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
+    p.add_argument("--no-layers", dest="layers", action="store_false", help="totals only")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("info", help="what a weight file holds (format, layout, width, classes)")
+    p.add_argument("file")
+    p.add_argument("--ema", action="store_true", help="look at the EMA copy of a training checkpoint")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert weights between .ckpt, .safetensors and .pth, and between layouts")
+    p.add_argument("src")
+    p.add_argument("dst", help="output file; its extension picks the format unless --format is given")
+    p.add_argument("--format", choices=["ckpt", "safetensors", "pth"])
+    p.add_argument("--layout", choices=LAYOUTS, help="target layout (default: the source's)")
+    p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA copy of a training checkpoint")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("demo", help="a self-contained tour: build, save as MindCV .ckpt, convert, reload, compare")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ShuffleNetV2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
