@@ -53,16 +53,24 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     source = read_weights(args.src, ema=args.ema)
     name = args.model or source.arch["model"]
     if name is None:
-        raise ShuffleNetV2Error(f"{args.src}: its tensors fit no ShuffleNetV2 width; pass --model to see the mismatches")
+        raise ShuffleNetV2Error(
+            f"{args.src}: its tensors fit no ShuffleNetV2 width; pass --model to see the mismatches"
+        )
     layout = args.layout or source.layout
     num_classes, in_channels = source.arch["num_classes"], source.arch["in_channels"]
     model = create_model(
-        str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=args.src, layout=layout, ema=args.ema
-    )
-    original = create_model(
-        str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=args.src, layout=source.layout,
+        str(name),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        checkpoint_path=args.src,
+        layout=layout,
         ema=args.ema,
     )
+    original = model
+    if layout != source.layout:
+        original = create_model(
+            str(name), num_classes, in_channels, checkpoint_path=args.src, layout=source.layout, ema=args.ema
+        )
     dst = save_weights(args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}")
     # read back what was written and compare logits: a conversion that changes the numbers is a bug
     reloaded = create_model(

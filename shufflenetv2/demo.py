@@ -65,7 +65,10 @@ def run_demo(out: Path) -> None:
     for what, path, diff in rows:
         print(f"  {what:<44} {diff:9.2e}   {path}")
     info = read_weights(ckpt)
-    print(f"\n{ckpt} holds {len(info.tensors)} tensors; inferred: {info.arch['model']}, {info.arch['num_classes']} classes")
+    print(
+        f"\n{ckpt} holds {len(info.tensors)} tensors; "
+        f"inferred: {info.arch['model']}, {info.arch['num_classes']} classes"
+    )
     worst = max(diff for _, _, diff in rows)
     print(f"worst difference {worst:.2e}: {'OK' if worst < 1e-4 else 'MISMATCH'}")
     if worst >= 1e-4:

@@ -201,9 +201,7 @@ def download(
     tmp_path: Path | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
-        ) as tmp:
+        with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False) as tmp:
             tmp_path = Path(tmp.name)
             actual = _stream(url, dest, tmp, timeout, progress)
             tmp.flush()
@@ -237,9 +235,7 @@ def fetch_pretrained(name: str) -> Path:
         url = PRETRAINED_URLS[name]
     except KeyError:
         valid = ", ".join(sorted(PRETRAINED_URLS))
-        raise DownloadError(
-            f"No pretrained weights for model {name!r}; the ones available are: {valid}."
-        ) from None
+        raise DownloadError(f"No pretrained weights for model {name!r}; the ones available are: {valid}.") from None
     file_name = _file_name(url)
     base = os.environ.get(BASE_URL_ENV)
     if base:

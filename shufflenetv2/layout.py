@@ -31,7 +31,7 @@ _PROJ = {"mindcv": "branch_proj", "torchvision": "branch1"}
 def _block_plan(widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(input channels, output channels, stride) of the 16 blocks."""
     plan, channels = [], widths[0]
-    for repeats, out in zip(STAGE_REPEATS, widths[1:4]):
+    for repeats, out in zip(STAGE_REPEATS, widths[1:4], strict=True):
         plan.append((channels, out, 2))
         plan += [(out, out, 1)] * (repeats - 1)
         channels = out
@@ -116,7 +116,7 @@ def _label_map(widths: tuple[int, ...]) -> dict[Label, Label]:
         raise CheckpointError("the two layouts route channels to different consumers; no exact conversion exists")
     mapping: dict[Label, Label] = {}
     for key, labels in groups["mindcv"].items():
-        mapping.update(zip(sorted(labels), sorted(groups["torchvision"][key])))
+        mapping.update(zip(sorted(labels), sorted(groups["torchvision"][key]), strict=True))
     return mapping
 
 
@@ -181,9 +181,7 @@ def _invert(index: torch.Tensor | None) -> torch.Tensor | None:
     return None if index is None else torch.argsort(index)
 
 
-def convert_layout(
-    state_dict: dict[str, torch.Tensor], name: str, source: str, target: str
-) -> dict[str, torch.Tensor]:
+def convert_layout(state_dict: dict[str, torch.Tensor], name: str, source: str, target: str) -> dict[str, torch.Tensor]:
     """Re-express ``state_dict`` (of model ``name`` in layout ``source``) in layout ``target``.
 
     Exact: the converted network gives the same logits provided it keeps the source's stem pool

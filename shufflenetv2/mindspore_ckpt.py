@@ -67,7 +67,9 @@ class _Reader:
         return self.pos >= len(self.buf)
 
     def fail(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.where}: {what} at byte {self.pos}; the file is corrupt or not a MindSpore checkpoint")
+        return CheckpointError(
+            f"{self.where}: {what} at byte {self.pos}; the file is corrupt or not a MindSpore checkpoint"
+        )
 
     def varint(self) -> int:
         result = shift = 0
@@ -205,9 +207,7 @@ def _decode(tag: str, dims: list[int], dtype: str, content: bytes, name: str) ->
         try:
             array = flat.reshape(dims)
         except ValueError as exc:  # more than numpy's 64 dimensions, or an unrepresentable empty shape
-            raise CheckpointError(
-                f"{name}: parameter {tag!r} has shape {dims}: {exc}; the file is corrupt"
-            ) from None
+            raise CheckpointError(f"{name}: parameter {tag!r} has shape {dims}: {exc}; the file is corrupt") from None
     if dtype == BFLOAT16:
         array = bfloat16_bits_to_float32(array)
     return array.copy()

@@ -161,7 +161,7 @@ class ShuffleNetV2(nn.Module):
         self.max_pool = StemPool(stem_pool)
         blocks: list[nn.Module] = []
         channels = stem
-        for repeats, out_channels in zip(STAGE_REPEATS, stages):
+        for repeats, out_channels in zip(STAGE_REPEATS, stages, strict=True):
             blocks.append(MindCVBlock(channels, out_channels, 2))
             blocks += [MindCVBlock(out_channels // 2, out_channels, 1) for _ in range(repeats - 1)]
             channels = out_channels
@@ -210,7 +210,7 @@ class ShuffleNetV2Torchvision(nn.Module):
         self.conv1 = _stem_conv(in_channels, stem)
         self.maxpool = StemPool(stem_pool)
         channels = stem
-        for index, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS, stages)):
+        for index, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS, stages, strict=True)):
             blocks = [TorchvisionBlock(channels, out_channels, 2)]
             blocks += [TorchvisionBlock(out_channels, out_channels, 1) for _ in range(repeats - 1)]
             setattr(self, f"stage{index + 2}", nn.Sequential(*blocks))

@@ -43,7 +43,9 @@ def summarize(model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> Mod
     def record(name: str):
         def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            rows.append(LayerRow(name, type(module).__name__, tuple(output.shape[1:]), params, _layer_macs(module, output)))
+            rows.append(
+                LayerRow(name, type(module).__name__, tuple(output.shape[1:]), params, _layer_macs(module, output))
+            )
 
         return hook
 
@@ -75,10 +77,11 @@ def format_summary(summary: ModelSummary, title: str, layers: bool = True) -> st
             lines.append(f"{r.name:<34} {r.kind:<12} {shape:<16} {r.params:>10,} {r.macs:>12,}")
         lines.append("")
     h, w = summary.input_size
-    lines += [
-        title,
-        f"  trainable params:          {summary.trainable_params:>12,}  ({summary.trainable_params / 1e6:.2f} M)",
-        f"  params with BN statistics: {summary.params_with_bn_stats:>12,}  ({summary.params_with_bn_stats / 1e6:.2f} M)",
-        f"  MACs at {h}x{w}:           {summary.macs:>12,}  ({summary.macs / 1e6:.1f} M)",
+    totals = [
+        ("trainable params", summary.trainable_params),
+        ("params with BN statistics", summary.params_with_bn_stats),
+        (f"MACs at {h}x{w}", summary.macs),
     ]
+    lines.append(title)
+    lines += [f"  {label + ':':<28}{value:>14,}  ({value / 1e6:.2f} M)" for label, value in totals]
     return "\n".join(lines)

@@ -86,7 +86,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
+        ) from None
 
 
 def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
@@ -317,9 +319,7 @@ def _mindcv_native(state: dict[str, torch.Tensor], arch: dict[str, object]) -> d
     return state
 
 
-def save_weights(
-    path: str | os.PathLike[str], model: nn.Module, fmt: str | None = None, source: str = ""
-) -> Path:
+def save_weights(path: str | os.PathLike[str], model: nn.Module, fmt: str | None = None, source: str = "") -> Path:
     """Write ``model``'s weights atomically; the format comes from ``fmt`` or the extension.
 
     ``.safetensors`` records the architecture in its metadata.  ``.pth`` is a plain state dict (what

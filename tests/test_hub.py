@@ -251,9 +251,7 @@ def test_fetch_pretrained_refuses_mismatching_real_name(
     assert _listing(home) == []
 
 
-def test_fetch_pretrained_offline_message(
-    server: _Server, home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fetch_pretrained_offline_message(server: _Server, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHUFFLENETV2_PRETRAINED_BASE_URL", server.base + "/nowhere")
     with pytest.raises(DownloadError) as info:
         hub.fetch_pretrained("shufflenet_v2_x2_0")
@@ -269,3 +267,28 @@ def test_unknown_model_lists_valid_names(home: Path) -> None:
     assert "shufflenet_v3" in message
     for name in hub.PRETRAINED_URLS:
         assert name in message
+
+
+def test_create_model_pretrained_end_to_end(
+    server: _Server, home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pretrained=True: fetched over HTTP, hash-checked, cached, loaded; another class count drops the head."""
+    import torch
+
+    from shufflenetv2 import create_model, save_weights
+
+    release = create_model("shufflenet_v2_x0_5")  # 1000 classes, like MindCV's release files
+    staged = save_weights(tmp_path / "staged.ckpt", release)
+    body = staged.read_bytes()
+    name = f"shufflenet_v2_x0_5-{hashlib.sha256(body).hexdigest()[:8]}.ckpt"
+    server.serve(f"/mirror/{name}", body)
+    monkeypatch.setitem(hub.PRETRAINED_URLS, "shufflenet_v2_x0_5", f"https://example.invalid/dir/{name}")
+    monkeypatch.setenv("SHUFFLENETV2_PRETRAINED_BASE_URL", server.base + "/mirror")
+
+    model = create_model("shufflenet_v2_x0_5", pretrained=True)
+    assert torch.equal(model.conv_last[0].weight, release.conv_last[0].weight)
+    assert (home / name).read_bytes() == body
+    tuned = create_model("shufflenet_v2_x0_5", num_classes=10, pretrained=True)  # MindCV drops the classifier
+    assert tuned.classifier.weight.shape == (10, 1024)
+    assert torch.equal(tuned.features[7].branch_main[0].weight, release.features[7].branch_main[0].weight)
+    assert server.hits[f"/mirror/{name}"] == 1  # the second call used the cache

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shufflenetv2 import create_model, read_weights, save_weights
+from shufflenetv2.cli import main
+
+from .conftest import logits, randomize_bn, shared_file
+
+MACS_M = {"shufflenet_v2_x0_5": 41, "shufflenet_v2_x1_0": 146, "shufflenet_v2_x1_5": 299, "shufflenet_v2_x2_0": 591}
+PARAMS_M = {
+    "shufflenet_v2_x0_5": 1.37,
+    "shufflenet_v2_x1_0": 2.29,
+    "shufflenet_v2_x1_5": 3.53,
+    "shufflenet_v2_x2_0": 7.44,
+}
+
+
+@pytest.mark.parametrize("name", list(MACS_M))
+def test_summary_reports_mindcv_figures(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", name]) == 0
+    out = capsys.readouterr().out
+    assert f"({PARAMS_M[name]:.2f} M)" in out  # params with BN statistics, MindCV's params(M)
+    macs = float(out.split("MACs at 224x224:")[1].split("(")[1].split(" M")[0])
+    assert abs(macs - MACS_M[name]) / MACS_M[name] < 0.015  # the paper's MFLOPs
+    assert "features.15.branch_main.5" in out  # the layer table
+
+
+def test_summary_totals_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "shufflenet_v2_x0_5", "--no-layers", "--layout", "torchvision"]) == 0
+    out = capsys.readouterr().out
+    assert "1,366,792" in out and "branch2" not in out
+
+
+ROUTES = [
+    ("m.ckpt", "m.safetensors", None),
+    ("m.ckpt", "m.pth", None),
+    ("m.safetensors", "m.ckpt", None),
+    ("m.pth", "m2.pt", None),
+    ("m.ckpt", "tv.safetensors", "torchvision"),
+    ("tv.pth", "back.safetensors", "mindcv"),
+    ("tv.pth", "t.pt", None),
+]
+
+
+@pytest.mark.parametrize(("src", "dst", "layout"), ROUTES)
+def test_convert_preserves_logits(
+    tmp_path: Path, src: str, dst: str, layout: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    mindcv_model = randomize_bn(create_model("shufflenet_v2_x0_5", num_classes=10))
+    tv_model = randomize_bn(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
+    for name in ("m.ckpt", "m.safetensors", "m.pth"):
+        save_weights(tmp_path / name, mindcv_model)
+    torch.save(tv_model.state_dict(), tmp_path / "tv.pth")
+    source = tv_model if src.startswith("tv") else mindcv_model
+
+    argv = ["convert", str(tmp_path / src), str(tmp_path / dst)] + (["--layout", layout] if layout else [])
+    assert main(argv) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    weights = read_weights(tmp_path / dst)
+    converted = create_model(
+        "shufflenet_v2_x0_5", num_classes=10, checkpoint_path=tmp_path / dst, layout=weights.layout
+    )
+    x = torch.randn(2, 3, 224, 224)
+    assert (logits(converted, x) - logits(source, x)).abs().max().item() < 1e-5
+
+
+def test_convert_refusals_exit_2_without_traceback(tmp_path: Path) -> None:
+    save_weights(tmp_path / "wide.ckpt", create_model("shufflenet_v2_x1_0"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shufflenetv2",
+            "convert",
+            str(tmp_path / "wide.ckpt"),
+            str(tmp_path / "tv.pth"),
+            "--layout",
+            "torchvision",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "different networks" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tv.pth").exists()
+
+
+def test_convert_to_pth_refuses_mindcv_pool_in_torchvision_layout(tmp_path: Path, capsys) -> None:
+    save_weights(tmp_path / "m.ckpt", create_model("shufflenet_v2_x0_5"))
+    assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "tv.pth"), "--layout", "torchvision"]) == 2
+    assert "safetensors" in capsys.readouterr().err
+
+
+def test_info_describes_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_weights(tmp_path / "m.ckpt", create_model("shufflenet_v2_x1_5", num_classes=12))
+    assert main(["info", str(tmp_path / "m.ckpt")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "ckpt" and info["model"] == "shufflenet_v2_x1_5" and info["num_classes"] == 12
+
+
+def test_info_on_the_mindcv_fixture(capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.ckpt")
+    assert main(["info", str(ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "shufflenet_v2_x0_5" and info["tensors"] == 281 and info["layout"] == "mindcv"
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path / "nope.ckpt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("shufflenetv2")
+    if not script.exists():
+        pytest.skip("the package is not installed in this interpreter's environment (pip install -e .)")
+    result = subprocess.run(
+        [str(script), "summary", "shufflenet_v2_x0_5", "--no-layers"], capture_output=True, text=True, check=True
+    )
+    assert "1,365,792" in result.stdout
