@@ -18,9 +18,7 @@ from shufflenetv2 import mindspore_ckpt
 from shufflenetv2.errors import CheckpointError
 from shufflenetv2.mindspore_ckpt import detect_encryption, parse_ckpt, read_ckpt, serialize_ckpt
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "mindcv" / "shufflenet_v2_x0_5_c10.ckpt"
-
+from .conftest import shared_file
 
 # --------------------------------------------------------------------------- independent encoder
 
@@ -753,10 +751,9 @@ def test_default_slice_size_is_512_mib() -> None:
 # --------------------------------------------------------------------------- a real MindCV file
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared not present")
-@pytest.mark.skipif(not FIXTURE.is_file(), reason=f"fixture {FIXTURE.name} not present in ../shared")
 def test_real_mindcv_checkpoint() -> None:
-    tensors = read_ckpt(FIXTURE)
+    fixture = shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.ckpt")
+    tensors = read_ckpt(fixture)
     assert len(tensors) == 281
     first = next(iter(tensors))
     assert first == "first_conv.0.weight"
@@ -764,4 +761,4 @@ def test_real_mindcv_checkpoint() -> None:
     assert tensors[first].dtype == np.float32
     assert "classifier.weight" in tensors
     assert all(np.isfinite(t).all() for t in tensors.values())
-    assert serialize_ckpt(tensors) == FIXTURE.read_bytes()
+    assert serialize_ckpt(tensors) == fixture.read_bytes()
