@@ -11,3 +11,7 @@ class CheckpointError(ShuffleNetV2Error, ValueError):
 
 class DownloadError(ShuffleNetV2Error, OSError):
     """A pretrained file that could not be fetched or failed its hash check."""
+
+
+class DataError(ShuffleNetV2Error):
+    """A data directory, split or image that cannot be used."""
