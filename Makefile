@@ -13,8 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
+DEMO_CONFIG := configs/shufflenetv2/shufflenet_v2_0.5_digits_demo.yaml
+DEMO_DIR := runs/digits_demo
+
+# the main job: train x0.5 on the embedded digits on CPU, then validate the best checkpoint
 demo: $(STAMP)
-	$(PY) -m shufflenetv2.demo
+	rm -rf $(DEMO_DIR)
+	$(PY) train.py --config $(DEMO_CONFIG) --ckpt_save_dir $(DEMO_DIR)
+	$(PY) validate.py -c $(DEMO_CONFIG) --ckpt_path $(DEMO_DIR)/shufflenet_v2_x0_5_best.safetensors
+	@echo "checkpoints, result.log, metrics.jsonl and curves.png are in $(DEMO_DIR)/"
 
 test: $(STAMP)
 	$(PY) -m ruff check .

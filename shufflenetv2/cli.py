@@ -1,4 +1,4 @@
-"""The ``shufflenetv2`` command: ``summary``, ``info``, ``convert`` and ``demo``.
+"""The ``shufflenetv2`` command: ``train``, ``validate``, ``summary``, ``info``, ``convert`` and ``demo``.
 
 Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; anything
 else is a bug and keeps its traceback.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import config
 from .errors import ShuffleNetV2Error
 from .factory import create_model
 from .model import LAYOUTS, WIDTHS, build_network
@@ -86,6 +87,27 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error(f"the converted weights change the logits by {diff:.2e}; {dst} should not be trusted")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .engine import train
+
+    result = train(config.from_args(args))
+    if result.last is not None:
+        print(
+            f"final validation: top-1 {100 * result.last.top1:.2f}%, top-5 {100 * result.last.top5:.2f}%, "
+            f"loss {result.last.loss:.4f}"
+        )
+    print(f"run directory: {result.run_dir}  (last checkpoint: {result.last_checkpoint}, best: {result.best_path})")
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from .engine import validate
+
+    cfg = config.from_args(args)
+    result = validate(cfg)
+    print(result.as_mindcv())
+    print(json.dumps({**result.as_mindcv(), "images": result.count, "ckpt_path": cfg.ckpt_path}))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -95,6 +117,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shufflenetv2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with a MindCV config (YAML via -c/--config, any key as --key VALUE)")
+    config.add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="top-1/top-5/loss of a checkpoint on the validation split")
+    config.add_config_arguments(p)
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("summary", help="parameters, MACs and a layer table of a model")
     p.add_argument("model", choices=list(WIDTHS))

@@ -176,9 +176,9 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
+        empty = value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+        if empty and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, inner[0], value)
     if annotation is bool:
@@ -247,9 +247,7 @@ def validate(cfg: Config) -> None:
     """Values and combinations that cannot work, each reported with what to change."""
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
-            raise ConfigError(
-                f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}"
-            )
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}")
     positive = ("batch_size", "epoch_size", "val_interval", "log_interval", "ckpt_save_interval",
                 "gradient_accumulation_steps", "num_classes", "in_channels", "image_resize")  # fmt: skip
     for key in positive:

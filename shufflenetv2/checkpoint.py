@@ -1,0 +1,160 @@
+"""Run checkpoints: weights in safetensors, training state beside them, every write atomic.
+
+A checkpoint named ``{model}-{epoch}_{step}`` is two files: ``.safetensors`` (the network, readable by
+everything in this package) and ``.state.pt`` (optimizer, EMA, scaler, RNG states, counters; tensors
+and plain containers only, so it loads with ``weights_only=True``).  The state is written first and the
+weights last, so a checkpoint counts as complete when both exist; a crash in between leaves the
+previous checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .fileio import atomic_path
+from .weights import save_weights
+
+STATE_SUFFIX = ".state.pt"
+WEIGHTS_SUFFIX = ".safetensors"
+_NAME = re.compile(r"^(?P<model>.+)-(?P<epoch>\d+)_(?P<step>\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    stem: Path  # directory / "{model}-{epoch}_{step}"
+    epoch: int
+    step: int
+
+    @property
+    def weights(self) -> Path:
+        return self.stem.with_name(self.stem.name + WEIGHTS_SUFFIX)
+
+    @property
+    def state(self) -> Path:
+        return self.stem.with_name(self.stem.name + STATE_SUFFIX)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the loop draws from, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], *state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_ref(directory: Path, model_name: str, epoch: int, step: int) -> CheckpointRef:
+    return CheckpointRef(Path(directory) / f"{model_name}-{epoch}_{step}", epoch, step)
+
+
+def save_checkpoint(ref: CheckpointRef, model: nn.Module, state: dict[str, Any], source: str = "") -> None:
+    """State first, weights last: the weights file is the mark of a complete checkpoint."""
+    with atomic_path(ref.state) as tmp:
+        torch.save(state, tmp)
+    save_weights(ref.weights, model, fmt="safetensors", source=source)
+
+
+def remove_checkpoint(ref: CheckpointRef) -> None:
+    for path in (ref.weights, ref.state):  # weights first: never a complete-looking half
+        path.unlink(missing_ok=True)
+
+
+def list_checkpoints(directory: Path, model_name: str | None = None) -> list[CheckpointRef]:
+    """Complete checkpoints (both files present) in ``directory``, oldest first."""
+    refs = []
+    for weights in Path(directory).glob(f"*{WEIGHTS_SUFFIX}"):
+        match = _NAME.match(weights.name[: -len(WEIGHTS_SUFFIX)])
+        if not match or (model_name and match["model"] != model_name):
+            continue
+        ref = CheckpointRef(
+            weights.with_name(weights.name[: -len(WEIGHTS_SUFFIX)]), int(match["epoch"]), int(match["step"])
+        )
+        if ref.state.exists():
+            refs.append(ref)
+    return sorted(refs, key=lambda r: (r.epoch, r.step))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"training state {path} not found: --resume_opt needs the .state.pt file written beside the weights"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"training state {path} is unreadable ({exc}); it may be truncated or corrupt") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise CheckpointError(f"{path} is not a training state written by shufflenetv2 train")
+    return state
+
+
+def resolve_resume(ckpt_path: str) -> CheckpointRef:
+    """The checkpoint whose weights or state file ``ckpt_path`` names."""
+    path = Path(ckpt_path)
+    name = path.name
+    for suffix in (STATE_SUFFIX, WEIGHTS_SUFFIX):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    match = _NAME.match(name)
+    epoch, step = (int(match["epoch"]), int(match["step"])) if match else (0, 0)
+    return CheckpointRef(path.with_name(name), epoch, step)
+
+
+class CheckpointKeeper:
+    """MindCV's ``ckpt_save_policy``: keep the newest (latest_k) or the best (top_k) checkpoints."""
+
+    def __init__(self, directory: Path, model_name: str, policy: str, keep: int) -> None:
+        self.directory, self.model_name, self.policy, self.keep = Path(directory), model_name, policy, keep
+        self.index_path = self.directory / "checkpoints.json"
+        self.scores: dict[str, float] = {}
+        if self.index_path.exists():
+            try:
+                self.scores = {k: float(v) for k, v in json.loads(self.index_path.read_text()).items()}
+            except (ValueError, AttributeError):
+                self.scores = {}
+
+    def add(self, ref: CheckpointRef, score: float | None) -> list[CheckpointRef]:
+        """Record a new checkpoint; delete and return the ones the policy no longer keeps."""
+        self.scores[ref.stem.name] = float("nan") if score is None else float(score)
+        existing = list_checkpoints(self.directory, self.model_name)
+        if self.policy == "top_k":
+            ranked = sorted(
+                existing, key=lambda r: (self.scores.get(r.stem.name, float("-inf")), r.epoch), reverse=True
+            )
+        else:
+            ranked = sorted(existing, key=lambda r: (r.epoch, r.step), reverse=True)
+        dropped = ranked[self.keep :]
+        for old in dropped:
+            remove_checkpoint(old)
+            self.scores.pop(old.stem.name, None)
+        with atomic_path(self.index_path) as tmp:
+            tmp.write_text(json.dumps(self.scores, indent=1))
+        return dropped

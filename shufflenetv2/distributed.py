@@ -1,0 +1,89 @@
+"""torchrun / DDP set-up and the few collective operations the loop needs.
+
+A process is distributed when torchrun launched it with ``WORLD_SIZE > 1`` (the analogue of MindCV's
+``msrun``); NCCL on CUDA, gloo on CPU.  Everything here also works, as a no-op, in a plain process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was requested but no CUDA device is available; use --device cpu or auto")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def setup(cfg: Config) -> Context:
+    """Join the process group when torchrun started several processes; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    elif cfg.distribute and rank == 0:
+        warnings.warn(
+            "distribute is True but this process was not launched by torchrun (WORLD_SIZE is unset or 1), so "
+            "it trains alone; launch with `torchrun --nproc_per_node N train.py ...` to use N devices",
+            stacklevel=2,
+        )
+    return Context(rank, world_size, local_rank, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (in place, and returned); a plain copy when not distributed."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_object(value: object) -> list[object]:
+    """``value`` from every rank, in rank order (a one-element list when not distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
