@@ -10,6 +10,7 @@ previous checkpoints as they were.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .weights import save_weights
 
 STATE_SUFFIX = ".state.pt"
 WEIGHTS_SUFFIX = ".safetensors"
+EMA_SUFFIX = "_ema.safetensors"  # the EMA copy the trainer writes beside a checkpoint when ema is on
 _NAME = re.compile(r"^(?P<model>.+)-(?P<epoch>\d+)_(?P<step>\d+)$")
 
 
@@ -42,6 +44,10 @@ class CheckpointRef:
     @property
     def state(self) -> Path:
         return self.stem.with_name(self.stem.name + STATE_SUFFIX)
+
+    @property
+    def ema(self) -> Path:
+        return self.stem.with_name(self.stem.name + EMA_SUFFIX)
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,7 +88,7 @@ def save_checkpoint(ref: CheckpointRef, model: nn.Module, state: dict[str, Any],
 
 
 def remove_checkpoint(ref: CheckpointRef) -> None:
-    for path in (ref.weights, ref.state):  # weights first: never a complete-looking half
+    for path in (ref.weights, ref.ema, ref.state):  # weights first: never a complete-looking half
         path.unlink(missing_ok=True)
 
 
@@ -128,30 +134,44 @@ def resolve_resume(ckpt_path: str) -> CheckpointRef:
     return CheckpointRef(path.with_name(name), epoch, step)
 
 
+def _score(value: Any) -> float | None:
+    """A score from the caller or the index; None (or nan) means "not validated" and ranks last."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
 class CheckpointKeeper:
-    """MindCV's ``ckpt_save_policy``: keep the newest (latest_k) or the best (top_k) checkpoints."""
+    """MindCV's ``ckpt_save_policy``: keep the newest (latest_k) or the best (top_k) checkpoints.
+
+    The checkpoint just added is never deleted, whatever its rank: it is where ``auto_resume`` picks
+    up.  Under top_k it is kept beside the best ``keep`` (one file more than MindCV) until a newer
+    one replaces it.  ``none`` deletes nothing, as MindCV's policy None does.
+    """
 
     def __init__(self, directory: Path, model_name: str, policy: str, keep: int) -> None:
         self.directory, self.model_name, self.policy, self.keep = Path(directory), model_name, policy, keep
         self.index_path = self.directory / "checkpoints.json"
-        self.scores: dict[str, float] = {}
+        self.scores: dict[str, float | None] = {}
         if self.index_path.exists():
             try:
-                self.scores = {k: float(v) for k, v in json.loads(self.index_path.read_text()).items()}
-            except (ValueError, AttributeError):
+                self.scores = {str(k): _score(v) for k, v in json.loads(self.index_path.read_text()).items()}
+            except (ValueError, TypeError, AttributeError):  # unreadable index: rank what is on disk as unscored
                 self.scores = {}
+
+    def _rank(self, ref: CheckpointRef) -> tuple:
+        if self.policy == "top_k":  # best first; on a tie the earlier checkpoint stays first, as in MindCV
+            score = self.scores.get(ref.stem.name)
+            return (math.inf if score is None else -score, ref.epoch, ref.step)
+        return (-ref.epoch, -ref.step)  # latest_k: newest first
 
     def add(self, ref: CheckpointRef, score: float | None) -> list[CheckpointRef]:
         """Record a new checkpoint; delete and return the ones the policy no longer keeps."""
-        self.scores[ref.stem.name] = float("nan") if score is None else float(score)
+        self.scores[ref.stem.name] = _score(score)
         existing = list_checkpoints(self.directory, self.model_name)
-        if self.policy == "top_k":
-            ranked = sorted(
-                existing, key=lambda r: (self.scores.get(r.stem.name, float("-inf")), r.epoch), reverse=True
-            )
-        else:
-            ranked = sorted(existing, key=lambda r: (r.epoch, r.step), reverse=True)
-        dropped = ranked[self.keep :]
+        ranked = [] if self.policy == "none" else sorted(existing, key=self._rank)
+        dropped = [r for r in ranked[self.keep :] if r.stem != ref.stem]
         for old in dropped:
             remove_checkpoint(old)
             self.scores.pop(old.stem.name, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -156,9 +157,63 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 _TYPES = typing.get_type_hints(Config)
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else "; see `shufflenetv2 train --help` for the valid keys"
+# Names people type from other trainers (timm, torchvision, Lightning) that MindCV spells differently;
+# difflib cannot find these because the spellings share too little.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr",),
+    "base_lr": ("lr",),
+    "min_learning_rate": ("min_lr",),
+    "lr_min": ("min_lr",),
+    "epochs": ("epoch_size",),
+    "num_epochs": ("epoch_size",),
+    "max_epochs": ("epoch_size",),
+    "warmup": ("warmup_epochs",),
+    "optimizer": ("opt",),
+    "optim": ("opt",),
+    "lr_scheduler": ("scheduler",),
+    "sched": ("scheduler",),
+    "nesterov": ("use_nesterov",),
+    "wd": ("weight_decay",),
+    "workers": ("num_parallel_workers",),
+    "num_workers": ("num_parallel_workers",),
+    "img_size": ("image_resize",),
+    "image_size": ("image_resize",),
+    "input_size": ("image_resize",),
+    "bs": ("batch_size",),
+    "drop_last": ("drop_remainder",),
+    "checkpoint_path": ("ckpt_path",),
+    "checkpoint": ("ckpt_path",),
+    "weights": ("ckpt_path",),
+    "resume": ("ckpt_path", "auto_resume"),
+    "checkpoint_dir": ("ckpt_save_dir",),
+    "save_dir": ("ckpt_save_dir",),
+    "amp": ("amp_level",),
+    "fp16": ("amp_level",),
+    "mixed_precision": ("amp_level",),
+    "smoothing": ("label_smoothing",),
+    "ema_rate": ("ema_decay",),
+    "model_ema": ("ema",),
+    "model_ema_decay": ("ema_decay",),
+    "reprob": ("re_prob",),
+    "aa": ("auto_augment",),
+    "data_path": ("data_dir",),
+    "data_root": ("data_dir",),
+    "root": ("data_dir",),
+    "arch": ("model",),
+    "output": ("output_dir",),
+}
+
+
+def _suggest(key: object) -> str:
+    """``; did you mean 'x'?`` for an unknown key: a known alias, the key with dashes fixed, or difflib's pick."""
+    text = str(key).strip()
+    normal = text.lower().replace("-", "_")
+    names = ALIASES.get(normal) or ((normal,) if normal in FIELDS else ())
+    if not names:
+        names = tuple(difflib.get_close_matches(normal, FIELDS, n=1, cutoff=0.5))
+    if not names:
+        return "; see `shufflenetv2 train --help` for the valid keys"
+    return f"; did you mean {' or '.join(map(repr, names))}?"
 
 
 def _parse_bool(key: str, value: Any) -> bool:
@@ -185,7 +240,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         return _parse_bool(key, value)
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            try:
+                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            except yaml.YAMLError:
+                raise ConfigError(f"{key} must be a list such as 0.08,1.0 or [0.08, 1.0], got {value!r}") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         if args and args[-1] is not Ellipsis and len(value) != len(args):
@@ -205,9 +263,12 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan would pass every range check below and train on garbage
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list, tuple)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -215,14 +276,15 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover - schema bug
 
 
-def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "config") -> Config:
-    """A validated Config: ``values`` over ``base`` (or the defaults)."""
+def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "config", check: bool = True) -> Config:
+    """A Config: ``values`` over ``base`` (or the defaults), validated unless ``check`` is False."""
     cfg = dataclasses.replace(base) if base is not None else Config()
     for key, value in values.items():
         if key not in FIELDS:
             raise ConfigError(f"unknown key {key!r} in {where}{_suggest(key)}")
         setattr(cfg, key, _coerce(key, _TYPES[key], value))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -316,8 +378,8 @@ def from_args(args: argparse.Namespace) -> Config:
     """Defaults, then the YAML file, then the flags that were given."""
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = Config()
-    if getattr(args, "config", ""):
-        cfg = from_dict(load_yaml(args.config), where=str(args.config))
+    if getattr(args, "config", ""):  # combinations are checked once, after the flags: they may fix the file's
+        cfg = from_dict(load_yaml(args.config), where=str(args.config), check=False)
     return from_dict(given, base=cfg, where="the command line")
 
 

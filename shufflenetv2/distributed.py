@@ -87,3 +87,53 @@ def all_gather_object(value: object) -> list[object]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class AllReduceBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm over the global batch for CPU/gloo, where ``nn.SyncBatchNorm`` refuses to run.
+
+    The per-channel sum, then the sum of squared deviations, are all-reduced (with autograd, so gradients
+    flow through the global statistics as in SyncBatchNorm); running statistics use the unbiased variance.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
+        total = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        n = total[-1]
+        mean = total[:channels] / n
+        # a second pass for the variance: E[x^2] - E[x]^2 cancels catastrophically after ReLU in float32
+        var = all_reduce((x - mean.view(1, channels, 1, 1)).square().sum((0, 2, 3))) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), momentum)
+        shape = (1, channels, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """MindCV's sync BN: ``nn.SyncBatchNorm`` on GPUs, the all-reduce version on CPU."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            replacement = AllReduceBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            # share, don't copy: the optimizer and EMA already hold these very tensors
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(replacement, key, getattr(child, key))
+            setattr(module, name, replacement)
+        else:
+            convert_sync_batchnorm(child, device)
+    return module

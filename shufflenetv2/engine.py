@@ -238,7 +238,7 @@ class Trainer:
         net: nn.Module = self.model
         if self.ctx.distributed:
             if cfg.sync_bn:
-                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+                net = dist.convert_sync_batchnorm(net, self.ctx.device)
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids)
         self.net = torch.compile(net) if cfg.mode == 0 else net
@@ -472,12 +472,12 @@ class Trainer:
             self.best_path = directory / f"{model_name}_best.safetensors"
             save_weights(self.best_path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best")
         due = self.epoch % cfg.ckpt_save_interval == 0 or self.epoch == cfg.epoch_size
-        if cfg.ckpt_save_policy == "none" or not due:
+        if not due:
             return
         ref = ckpt.checkpoint_ref(directory, model_name, self.epoch, self.batches_per_epoch)
+        if self.ema is not None:  # before the network weights, which mark the checkpoint complete
+            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"epoch {self.epoch} EMA")
         ckpt.save_checkpoint(ref, self.model, state, source=f"epoch {self.epoch}")
-        if self.ema is not None:
-            save_weights(ref.stem.with_name(ref.stem.name + "_ema.safetensors"), self.ema.module, fmt="safetensors")
         self.keeper.add(ref, result.top1 if result is not None else None)
         self.last_checkpoint = ref.weights
 

@@ -24,6 +24,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode a plain open() would
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
             dir_fd = os.open(path.parent, os.O_RDONLY)

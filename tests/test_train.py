@@ -1,0 +1,250 @@
+"""End-to-end training on a tiny generated ImageFolder: resume, outputs, validate, errors, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from shufflenetv2 import read_weights, save_weights
+from shufflenetv2.checkpoint import list_checkpoints
+from shufflenetv2.config import Config, ConfigError, from_dict
+from shufflenetv2.engine import Trainer, TrainingError, train, validate
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes of noisy coloured squares with a class-specific stripe: learnable in a few steps."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 16), ("val", 6)):
+        for c, (name, rgb) in enumerate(COLOURS.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                noise = torch.randint(-40, 40, (24, 24, 3), generator=g)
+                pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8)
+                pixels[4 + 6 * c : 8 + 6 * c, :, :] = 255
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides: object) -> Config:
+    values = dict(
+        mode=1, dataset="imagefolder", data_dir=str(data), num_classes=3, image_resize=16, batch_size=8,
+        num_parallel_workers=0, epoch_size=2, val_while_train=True, ckpt_save_dir=str(out), log_interval=2,
+        opt="momentum", lr=0.05, warmup_epochs=1, decay_epochs=1, min_lr=0.0, scale=(0.5, 1.0), hflip=0.5,
+        color_jitter=0.2, crop_pct=1.0, keep_checkpoint_max=5, weight_decay=1e-4, weight_decay_filter="auto",
+        label_smoothing=0.1, seed=7,
+    )  # fmt: skip
+    values.update(overrides)
+    return from_dict(values)
+
+
+def final_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return read_weights(list_checkpoints(directory)[-1].weights).tensors
+
+
+def test_two_epochs_equal_one_plus_resume(tiny_data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_data, straight))
+    first = list_checkpoints(straight)[0]
+    assert first.epoch == 1
+    resumed = tmp_path / "resumed"
+    result = train(tiny_config(tiny_data, resumed, ckpt_path=str(first.weights), resume_opt=True))
+    assert result.epochs == 2
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert not torch.equal(a["classifier.weight"], read_weights(first.weights).tensors["classifier.weight"])
+
+
+def test_auto_resume_picks_the_newest_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_data, straight, ema=True, ema_decay=0.9))
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    first = list_checkpoints(straight)[0]
+    for path in (first.weights, first.state):
+        (interrupted / path.name).write_bytes(path.read_bytes())
+    result = train(tiny_config(tiny_data, interrupted, auto_resume=True, ema=True, ema_decay=0.9))
+    assert result.epochs == 2
+    a, b = final_weights(straight), final_weights(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = read_weights(straight / "shufflenet_v2_x0_5-2_6_ema.safetensors").tensors
+    ema_b = read_weights(interrupted / "shufflenet_v2_x0_5-2_6_ema.safetensors").tensors
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_run_directory_contents(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_data, out, epoch_size=3, keep_checkpoint_max=2))
+    names = {p.name for p in out.iterdir()}
+    assert {"result.log", "metrics.jsonl", "curves.png", "config.yaml", "train_rank0.log"} <= names
+    assert [(r.epoch, r.step) for r in list_checkpoints(out)] == [(2, 6), (3, 6)]  # latest_k, k = 2
+    assert "shufflenet_v2_x0_5_best.safetensors" in names and result.best_path is not None
+    header, *rows = (out / "result.log").read_text().splitlines()
+    assert header.split("\t") == [
+        "Epoch", "TrainLoss", "Top_1_Accuracy", "Top_5_Accuracy", "TrainTime", "EvalTime", "TotalTime"
+    ]  # fmt: skip
+    assert len(rows) == 3 and rows[-1].split("\t")[0] == "3"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert all(0.0 <= m["top1"] <= 1.0 and m["train_loss"] > 0 for m in metrics)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epoch_size"] == 3 and saved["data_dir"] == str(tiny_data)
+    log = (out / "train_rank0.log").read_text()
+    assert "img/s" in log and "data wait" in log and "ETA" in log and "ms/step" in log
+
+
+def test_learns_the_tiny_task(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path / "run", epoch_size=10, lr=0.01, decay_epochs=9, image_resize=32))
+    assert result.last is not None and result.last.top1 >= 0.8  # chance is 1/3
+    assert result.last.count == 18
+
+
+def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
+    best = out / "shufflenet_v2_x0_5_best.safetensors"
+    cfg = tiny_config(tiny_data, out, ckpt_path=str(best))
+    reference = validate(cfg)
+    assert reference.top1 == pytest.approx(result.last.top1) and reference.count == 18
+    from shufflenetv2 import create_model
+
+    model = create_model("shufflenet_v2_x0_5", num_classes=3, checkpoint_path=best)
+    for suffix in (".ckpt", ".pth"):
+        path = save_weights(tmp_path / f"w{suffix}", model)
+        other = validate(dataclasses.replace(cfg, ckpt_path=str(path)))
+        assert other.top1 == reference.top1 and other.loss == pytest.approx(reference.loss, abs=1e-5)
+
+
+def test_validate_never_runs_on_random_weights(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="never evaluates random weights"):
+        validate(tiny_config(tiny_data, tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(tiny_config(tiny_data, tmp_path, ckpt_path=str(tmp_path / "missing.safetensors")))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
+    good = list_checkpoints(out)[-1]
+    before = good.weights.read_bytes()
+    with pytest.raises(TrainingError, match=r"NaN or infinite at step \d+"):
+        train(tiny_config(tiny_data, out, epoch_size=3, auto_resume=True, lr=1e35, warmup_epochs=0, decay_epochs=3))
+    assert list_checkpoints(out)[-1] == good and good.weights.read_bytes() == before
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path / "bf16", epoch_size=1, warmup_epochs=0, amp_level="O2"))
+    assert result.last is not None and result.last.loss == result.last.loss  # finite, not NaN
+    with pytest.raises(ConfigError, match="float16"):
+        Trainer(tiny_config(tiny_data, tmp_path / "fp16", amp_level="O3", amp_dtype="float16"))
+
+
+def test_class_count_mismatch_is_a_config_error(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="num_classes 3"):
+        Trainer(tiny_config(tiny_data, tmp_path, num_classes=10))
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
+
+
+def test_seed_commands(tiny_data: Path, tmp_path: Path) -> None:
+    """MindCV's own command lines: train.py --config ... --data_dir ... --distribute False, then validate.py."""
+    cfg = tiny_config(tiny_data, tmp_path / "ckpt", epoch_size=1, warmup_epochs=0)
+    config_file = tmp_path / "tiny.yaml"
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    values.pop("data_dir")
+    config_file.write_text(yaml.safe_dump(values))
+    trained = _run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(config_file), "--data_dir", str(tiny_data),
+         "--distribute", "False"], cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "Epoch: [1/1]" in trained.stdout and "run directory" in trained.stdout
+    best = tmp_path / "ckpt" / "shufflenet_v2_x0_5_best.safetensors"
+    checked = _run(
+        [sys.executable, str(REPO / "validate.py"), "-c", str(config_file), "--data_dir", str(tiny_data),
+         "--ckpt_path", str(best)], cwd=tmp_path,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "'Top_1_Accuracy'" in checked.stdout
+    as_json = json.loads(checked.stdout.strip().splitlines()[-1])
+    assert as_json["images"] == 18 and 0.0 <= as_json["Top_1_Accuracy"] <= 1.0
+    missing = _run([sys.executable, str(REPO / "validate.py"), "-c", str(config_file), "--data_dir", str(tiny_data)],
+                   cwd=tmp_path)  # fmt: skip
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "ckpt_path" in missing.stderr
+    bad_key = _run([sys.executable, str(REPO / "train.py"), "--config", str(config_file), "--learning_rate", "1"],
+                   cwd=tmp_path)  # fmt: skip
+    assert bad_key.returncode == 2
+
+
+def test_ddp_step_is_the_full_batch_step(tiny_data: Path, tmp_path: Path) -> None:
+    """2 gloo processes with sync BN and DDP give the full-batch gradient (float64, to rounding)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "gradients.json"
+    worker = REPO / "tests" / "ddp_gradient_worker.py"
+    done = _run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(worker), str(tiny_data), str(out)],
+        cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["synced_bn_layers"] == 56  # every BatchNorm of x0.5
+    assert result["relative_gradient_difference"] < 1e-10
+
+
+@pytest.mark.slow
+def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    """torchrun, 2 gloo processes x batch 4 with sync BN, against 1 process x batch 8: same global batches.
+
+    The first loss (before any update) agrees to float32 rounding.  After that the curves agree only
+    loosely: at MindCV's initialisation float32 gradients of this network carry about 2 % noise (measured
+    against float64 in one process), which training amplifies; the exact equivalence of the distributed
+    step is what ``test_ddp_step_is_the_full_batch_step`` checks in float64.
+    """
+    base = tiny_config(tiny_data, tmp_path, epoch_size=2, sync_bn=True, log_interval=1, lr=0.01)
+    config_file = tmp_path / "ddp.yaml"
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(base).items()}
+    config_file.write_text(yaml.safe_dump(values))
+    single = _run(
+        [sys.executable, str(REPO / "train.py"), "-c", str(config_file), "--ckpt_save_dir", str(tmp_path / "one"),
+         "--batch_size", "8"], cwd=tmp_path,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    double = _run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(REPO / "train.py"), "-c",
+         str(config_file), "--ckpt_save_dir", str(tmp_path / "two"), "--batch_size", "4"], cwd=tmp_path,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert (tmp_path / "two" / "train_rank1.log").exists()
+
+    def step_losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "train_rank0.log").read_text().splitlines()
+        return [float(line.split("loss: ")[1].split(",")[0]) for line in lines if "loss: " in line]
+
+    one, two = step_losses("one"), step_losses("two")
+    assert len(one) == len(two) == 12  # 6 steps x 2 epochs, same global batches
+    assert two[0] == pytest.approx(one[0], rel=1e-5)
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(m1, m2, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.25)
+    assert [m["epoch"] for m in m2] == [1, 2]
