@@ -234,6 +234,7 @@ class Trainer:
         self.best_path: Path | None = None
         self.last_checkpoint: Path | None = None
         self.resumed = self._maybe_resume()
+        self.compile_reported = False
 
         net: nn.Module = self.model
         if self.ctx.distributed:
@@ -314,6 +315,7 @@ class Trainer:
         )
         last_eval = None
         run_start = time.perf_counter()
+        self.first_epoch = self.epoch
         for epoch in range(self.epoch, cfg.epoch_size):
             train_start = time.perf_counter()
             train_loss, lr = self._train_epoch(epoch)
@@ -325,6 +327,8 @@ class Trainer:
                 eval_start = time.perf_counter()
                 last_eval = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
                 eval_time = time.perf_counter() - eval_start
+                if cfg.mode == 0 and epoch == self.first_epoch:
+                    log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
                 row.update(top1=last_eval.top1, top5=last_eval.top5, val_loss=last_eval.loss)
                 log.info(
                     f"Epoch {self.epoch}/{cfg.epoch_size} validation: top-1 {100 * last_eval.top1:.2f}%  "
@@ -397,6 +401,8 @@ class Trainer:
             loss_sum += loss.detach().double()
             if boundary:
                 self._optimizer_step()
+            if not self.compile_reported and cfg.mode == 0:
+                self._report_compile(loss, time.perf_counter() - wait_start)
             interval_steps += 1
             at_log_point = (batch_index + 1) % cfg.log_interval == 0 or batch_index + 1 == batches
             if interactive and not at_log_point:
@@ -414,6 +420,12 @@ class Trainer:
                 interval_start, data_wait, interval_steps = time.perf_counter(), 0.0, 0
         mean_loss = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(batches), device=device).double()]))
         return float(mean_loss[0] / mean_loss[1]), lr
+
+    def _report_compile(self, loss: torch.Tensor, seconds_so_far: float) -> None:
+        """The first compiled step includes torch.compile's tracing and code generation: say how long."""
+        float(loss.detach())  # wait for the device so the time is the step's own
+        self.compile_reported = True
+        self.log.info(f"torch.compile (mode 0): first training step took {seconds_so_far:.1f} s, compilation included")
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg

@@ -248,3 +248,21 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     for a, b in zip(m1, m2, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.25)
     assert [m["epoch"] for m in m2] == [1, 2]
+
+
+@pytest.mark.slow
+def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0))
+    log = (tmp_path / "train_rank0.log").read_text()
+    assert "torch.compile (mode 0): first training step took" in log
+    assert "first validation took" in log
+    assert result.last is not None and result.last.count == 18
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, batch_size=4, gradient_accumulation_steps=3, epoch_size=1))
+    assert trainer.batches_per_epoch == 12 and trainer.steps_per_epoch == 4
+    assert len(trainer.schedule) == 4
+    trainer.run()
+    assert trainer.global_step == 4
+    assert int(trainer.optimizer.state_dict()["state"][0]["momentum_buffer"].ne(0).any()) == 1
