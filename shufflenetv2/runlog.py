@@ -85,7 +85,8 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
     if any(r.get("val_loss") is not None for r in rows):
         ax.plot(epochs, [r.get("val_loss") for r in rows], "s-", label="val loss")
-    ax.set(title="loss", xlabel="epoch")
+    ax.set(title="loss (log scale)", xlabel="epoch")
+    ax.set_yscale("log")  # early validation losses can be 1000x the final ones while BN statistics settle
     ax.legend()
     ax = axes[1]
     ax.plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green", label="lr at epoch end")
