@@ -296,7 +296,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best_top1": self.best_top1,
             "rng": rng,
-            "config": dataclasses.asdict(self.cfg) | {"scale": list(self.cfg.scale)},
+            "config": dataclasses.asdict(self.cfg),
         }
 
     # -- the loop ------------------------------------------------------------------------------------
