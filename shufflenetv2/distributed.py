@@ -75,6 +75,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
+    """Minimum over all ranks (in place, and returned)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values
+
+
 def all_gather_object(value: object) -> list[object]:
     """``value`` from every rank, in rank order (a one-element list when not distributed)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

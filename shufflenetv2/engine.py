@@ -160,10 +160,8 @@ def evaluate(
 
 
 def eval_loader(cfg: Config, dataset: torch.utils.data.Dataset, ctx: dist.Context) -> torch.utils.data.DataLoader:
-    """Each rank takes every world_size-th sample, so every image is counted exactly once."""
-    if ctx.distributed:
-        dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    return data_mod.build_loader(cfg, dataset, train=False)
+    """This rank's unpadded shard of ``dataset``, so every image is counted exactly once."""
+    return data_mod.build_loader(cfg, dataset, train=False, rank=ctx.rank, world_size=ctx.world_size)
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -408,8 +406,10 @@ class Trainer:
             if interactive and not at_log_point:
                 print(f"\r  epoch {epoch + 1} batch {batch_index + 1}/{batches}", end="", flush=True)
             if at_log_point:
-                bad_step = int(first_bad)  # the one host sync per log interval
-                if bad_step >= 0:
+                # the one host sync per log interval; every rank stops together, naming the earliest step
+                never = torch.iinfo(torch.int64).max
+                bad_step = int(dist.all_reduce_min(torch.where(first_bad < 0, never, first_bad)))
+                if bad_step != never:
                     raise TrainingError(
                         f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}, batch "
                         f"{(bad_step - 1) % batches + 1}); training stopped without saving, so the last good "
