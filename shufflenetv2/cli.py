@@ -155,8 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_options(unknown: list[str]) -> str:
+    """One line per unknown ``--flag``, with the config key it was probably meant to be."""
+    flags = [u for u in unknown if u.startswith("--")] or unknown
+    return "; ".join(f"unknown option {u!r}{config.suggest_key(u.lstrip('-').split('=')[0])}" for u in flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command not in ("train", "validate"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(f"error: {_unknown_options(unknown)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         args.func(args)
     except ShuffleNetV2Error as exc:

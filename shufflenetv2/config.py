@@ -204,7 +204,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _suggest(key: object) -> str:
+def suggest_key(key: object) -> str:
     """``; did you mean 'x'?`` for an unknown key: a known alias, the key with dashes fixed, or difflib's pick."""
     text = str(key).strip()
     normal = text.lower().replace("-", "_")
@@ -281,7 +281,7 @@ def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "
     cfg = dataclasses.replace(base) if base is not None else Config()
     for key, value in values.items():
         if key not in FIELDS:
-            raise ConfigError(f"unknown key {key!r} in {where}{_suggest(key)}")
+            raise ConfigError(f"unknown key {key!r} in {where}{suggest_key(key)}")
         setattr(cfg, key, _coerce(key, _TYPES[key], value))
     if check:
         validate(cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +55,10 @@ def setup(cfg: Config) -> Context:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     elif cfg.distribute and rank == 0:
-        warnings.warn(
-            "distribute is True but this process was not launched by torchrun (WORLD_SIZE is unset or 1), so "
-            "it trains alone; launch with `torchrun --nproc_per_node N train.py ...` to use N devices",
-            stacklevel=2,
+        print(
+            "note: distribute is True but this process was not launched by torchrun (WORLD_SIZE is unset or 1), "
+            "so it trains alone; launch with `torchrun --nproc_per_node N train.py ...` to use N devices",
+            file=sys.stderr,
         )
     return Context(rank, world_size, local_rank, device)
 

@@ -128,3 +128,10 @@ def test_console_script_is_installed() -> None:
         [str(script), "summary", "shufflenet_v2_x0_5", "--no-layers"], capture_output=True, text=True, check=True
     )
     assert "1,365,792" in result.stdout
+
+
+def test_unknown_train_flags_suggest_the_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--optimizer", "sgd", "--learning_rate", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option '--optimizer'; did you mean 'opt'?" in err
+    assert "unknown option '--learning_rate'; did you mean 'lr'?" in err
