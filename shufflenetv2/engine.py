@@ -256,17 +256,19 @@ class Trainer:
             if ref is None:
                 self.log.info(f"auto_resume: no checkpoint in {cfg.ckpt_save_dir} yet, starting from scratch")
         if ref is None and cfg.ckpt_path:
-            weights = read_weights(cfg.ckpt_path)
-            load_weights(self.model, weights, drop_classifier=False)
+            beside = ckpt.resolve_resume(cfg.ckpt_path)  # the run checkpoint that path belongs to, if any
+            source = beside.weights if cfg.ckpt_path.endswith(ckpt.STATE_SUFFIX) else Path(cfg.ckpt_path)
+            load_weights(self.model, read_weights(source), drop_classifier=False)
             self._reseed_ema()
-            self.log.info(f"loaded weights from {cfg.ckpt_path}")
+            self.log.info(f"loaded weights from {source}")
             if not cfg.resume_opt:
                 return False
-            ref = ckpt.resolve_resume(cfg.ckpt_path)
+            ref = beside
+        elif ref is not None:
+            load_weights(self.model, read_weights(ref.weights))
+            self._reseed_ema()
         if ref is None:
             return False
-        load_weights(self.model, read_weights(ref.weights))
-        self._reseed_ema()
         state = ckpt.load_state(ref.state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:

@@ -225,22 +225,16 @@ def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = Fal
     target = architecture(model)
     name, layout = str(target["model"]), str(target["layout"])
     tensors = dict(weights.tensors)
+    if weights.arch["stem_pool"] != target["stem_pool"]:
+        raise CheckpointError(
+            f"{weights.source} was trained with a {weights.arch['stem_pool']!r} stem pool but the model uses "
+            f"{target['stem_pool']!r}, which changes the logits: build the model with "
+            f"stem_pool={weights.arch['stem_pool']!r} (create_model does this for you)"
+        )
     if weights.layout != layout:
-        if weights.arch["stem_pool"] != target["stem_pool"]:
-            raise CheckpointError(
-                f"{weights.source} was trained with a {weights.arch['stem_pool']!r} stem pool but the model uses "
-                f"{target['stem_pool']!r}; converting {weights.layout} weights to the {layout} layout is exact "
-                f"only with the same pool: build the model with stem_pool={weights.arch['stem_pool']!r} "
-                "(create_model does this for you)"
-            )
         if weights.arch["model"] not in (None, name):
             raise CheckpointError(f"{weights.source} holds {_describe(weights.arch)}, not {name}")
         tensors = convert_layout(tensors, name, weights.layout, layout)
-    elif weights.arch["stem_pool"] != target["stem_pool"]:
-        raise CheckpointError(
-            f"{weights.source} was trained with a {weights.arch['stem_pool']!r} stem pool but the model uses "
-            f"{target['stem_pool']!r}: build it with stem_pool={weights.arch['stem_pool']!r}"
-        )
     head, stem = HEAD[layout], STEM[layout]
     expected = model.state_dict()
     if stem in tensors and stem in expected and tensors[stem].ndim == 4:

@@ -67,6 +67,10 @@ def test_two_epochs_equal_one_plus_resume(tiny_data: Path, tmp_path: Path) -> No
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    via_state = tmp_path / "via_state"  # --ckpt_path may also name the .state.pt file
+    train(tiny_config(tiny_data, via_state, ckpt_path=str(first.state), resume_opt=True))
+    c = final_weights(via_state)
+    assert all(torch.equal(a[k], c[k]) for k in a)
     assert not torch.equal(a["classifier.weight"], read_weights(first.weights).tensors["classifier.weight"])
 
 
