@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_message(exc: ShuffleNetV2Error) -> str:
+    """The error's own words: a DataLoader worker re-raises ours with the worker's traceback prepended."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(f"{type(exc).__name__}: ", 1)[-1]
+    return text
+
+
 def _unknown_options(unknown: list[str]) -> str:
     """One line per unknown ``--flag``, with the config key it was probably meant to be."""
     flags = [u for u in unknown if u.startswith("--")] or unknown
@@ -172,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ShuffleNetV2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
