@@ -322,10 +322,10 @@ class Trainer:
             train_time = time.perf_counter() - train_start
             self.epoch = epoch + 1
             row: dict[str, Any] = {"epoch": self.epoch, "train_loss": train_loss, "lr": lr, "train_time": train_time}
-            eval_time = 0.0
+            eval_time, epoch_eval = 0.0, None
             if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
                 eval_start = time.perf_counter()
-                last_eval = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
+                last_eval = epoch_eval = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
                 eval_time = time.perf_counter() - eval_start
                 if cfg.mode == 0 and epoch == self.first_epoch:
                     log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
@@ -336,7 +336,7 @@ class Trainer:
                     f"({last_eval.count} images, {eval_time:.1f} s)"
                 )
             row.update(eval_time=eval_time, total_time=time.perf_counter() - train_start)
-            self._save(last_eval if "top1" in row else None)
+            self._save(epoch_eval)
             if record is not None:
                 record.add(row)
                 plot_curves(record.metrics, self.run_dir / "curves.png")
@@ -477,7 +477,8 @@ class Trainer:
         improved = result is not None and (self.best_top1 is None or result.top1 > self.best_top1)
         if improved:
             self.best_top1 = result.top1
-        state = self._state()  # collective under DDP: every rank takes part
+        due = self.epoch % cfg.ckpt_save_interval == 0 or self.epoch == cfg.epoch_size
+        state = self._state() if due else None  # collective under DDP: every rank takes part
         if not ctx.is_main:
             return
         directory = Path(cfg.ckpt_save_dir)
@@ -485,8 +486,7 @@ class Trainer:
         if improved:
             self.best_path = directory / f"{model_name}_best.safetensors"
             save_weights(self.best_path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best")
-        due = self.epoch % cfg.ckpt_save_interval == 0 or self.epoch == cfg.epoch_size
-        if not due:
+        if state is None:
             return
         ref = ckpt.checkpoint_ref(directory, model_name, self.epoch, self.batches_per_epoch)
         if self.ema is not None:  # before the network weights, which mark the checkpoint complete
