@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .fileio import atomic_path
+from .fileio import atomic_path, torch_bytes
 from .weights import save_weights
 
 STATE_SUFFIX = ".state.pt"
@@ -83,7 +83,7 @@ def checkpoint_ref(directory: Path, model_name: str, epoch: int, step: int) -> C
 def save_checkpoint(ref: CheckpointRef, model: nn.Module, state: dict[str, Any], source: str = "") -> None:
     """State first, weights last: the weights file is the mark of a complete checkpoint."""
     with atomic_path(ref.state) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(torch_bytes(state))
     save_weights(ref.weights, model, fmt="safetensors", source=source)
 
 
@@ -148,17 +148,25 @@ class CheckpointKeeper:
     The checkpoint just added is never deleted, whatever its rank: it is where ``auto_resume`` picks
     up.  Under top_k it is kept beside the best ``keep`` (one file more than MindCV) until a newer
     one replaces it.  ``none`` deletes nothing, as MindCV's policy None does.
+
+    Interim checkpoints (written inside an epoch: ``ckpt_save_steps`` or a stop signal) stand outside
+    the policy: only the newest is kept, and the next epoch-end checkpoint removes it.
     """
 
     def __init__(self, directory: Path, model_name: str, policy: str, keep: int) -> None:
         self.directory, self.model_name, self.policy, self.keep = Path(directory), model_name, policy, keep
         self.index_path = self.directory / "checkpoints.json"
         self.scores: dict[str, float | None] = {}
+        self.interim: list[str] = []
         if self.index_path.exists():
             try:
-                self.scores = {str(k): _score(v) for k, v in json.loads(self.index_path.read_text()).items()}
+                index = json.loads(self.index_path.read_text())
+                if "scores" not in index:  # the first index format: only the scores
+                    index = {"scores": index}
+                self.scores = {str(k): _score(v) for k, v in index["scores"].items()}
+                self.interim = [str(name) for name in index.get("interim", [])]
             except (ValueError, TypeError, AttributeError):  # unreadable index: rank what is on disk as unscored
-                self.scores = {}
+                self.scores, self.interim = {}, []
 
     def _rank(self, ref: CheckpointRef) -> tuple:
         if self.policy == "top_k":  # best first; on a tie the earlier checkpoint stays first, as in MindCV
@@ -166,15 +174,44 @@ class CheckpointKeeper:
             return (math.inf if score is None else -score, ref.epoch, ref.step)
         return (-ref.epoch, -ref.step)  # latest_k: newest first
 
-    def add(self, ref: CheckpointRef, score: float | None) -> list[CheckpointRef]:
+    def add(self, ref: CheckpointRef, score: float | None, interim: bool = False) -> list[CheckpointRef]:
         """Record a new checkpoint; delete and return the ones the policy no longer keeps."""
-        self.scores[ref.stem.name] = _score(score)
         existing = list_checkpoints(self.directory, self.model_name)
-        ranked = [] if self.policy == "none" else sorted(existing, key=self._rank)
-        dropped = [r for r in ranked[self.keep :] if r.stem != ref.stem]
+        name = ref.stem.name
+        old_interim = [r for r in existing if r.stem.name in self.interim and r.stem != ref.stem]
+        if interim:
+            dropped = old_interim
+            self.interim = [name]
+        else:
+            self.scores[name] = _score(score)
+            regular = [r for r in existing if r.stem.name not in self.interim or r.stem == ref.stem]
+            ranked = [] if self.policy == "none" else sorted(regular, key=self._rank)
+            dropped = [r for r in ranked[self.keep :] if r.stem != ref.stem] + old_interim
+            self.interim = []
         for old in dropped:
             remove_checkpoint(old)
             self.scores.pop(old.stem.name, None)
         with atomic_path(self.index_path) as tmp:
-            tmp.write_text(json.dumps(self.scores, indent=1))
+            tmp.write_text(json.dumps({"scores": self.scores, "interim": self.interim}, indent=1))
         return dropped
+
+
+def remove_partial_files(directory: Path, model_name: str) -> list[Path]:
+    """Delete what an interrupted save left behind: temporary files, and checkpoint parts without weights.
+
+    Safe only while no other process writes to ``directory`` (the trainer calls it once, on rank 0,
+    before training starts).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    complete = {ref.stem.name for ref in list_checkpoints(directory, model_name)}
+    for suffix in (STATE_SUFFIX, EMA_SUFFIX):
+        for part in directory.glob(f"{model_name}-*{suffix}"):
+            stem = part.name[: -len(suffix)]
+            if _NAME.match(stem) and stem not in complete and not (directory / (stem + WEIGHTS_SUFFIX)).exists():
+                removed.append(part)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

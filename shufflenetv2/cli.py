@@ -1,13 +1,15 @@
 """The ``shufflenetv2`` command: ``train``, ``validate``, ``summary``, ``info``, ``convert`` and ``demo``.
 
-Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; anything
-else is a bug and keeps its traceback.
+Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; a training
+run stopped by SIGTERM/SIGINT after saving exits with 75 (``EXIT_INTERRUPTED``); anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from . import config
 from .errors import ShuffleNetV2Error
 from .factory import create_model
+from .interrupt import EXIT_INTERRUPTED, TrainingInterrupted
 from .model import LAYOUTS, WIDTHS, build_network
 from .summary import format_summary, summarize
 from .weights import read_weights, save_weights
@@ -104,8 +107,17 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
     cfg = config.from_args(args)
     result = validate(cfg)
+    for reason in result.unreadable_here:
+        print(f"warning: left out an unreadable file: {reason}", file=sys.stderr)
+    if result.unreadable:
+        print(
+            f"warning: {result.unreadable} file(s) of the validation split could not be read and are not in "
+            f"these metrics, which cover the {result.count} images that could",
+            file=sys.stderr,
+        )
     print(result.as_mindcv())
-    print(json.dumps({**result.as_mindcv(), "images": result.count, "ckpt_path": cfg.ckpt_path}))
+    summary = {**result.as_mindcv(), "images": result.count, "unreadable": result.unreadable}
+    print(json.dumps({**summary, "ckpt_path": cfg.ckpt_path}))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -180,9 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"{exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ShuffleNetV2Error as exc:
         print(f"error: {_user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the save
+        print("\ninterrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

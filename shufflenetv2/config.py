@@ -2,7 +2,9 @@
 
 A YAML file (``-c/--config``) sets the values, command-line flags override them, and anything unknown
 or of the wrong type is an error naming the key and the nearest valid one.  The config is plain data
-(a dataclass); nothing here knows about models, data or devices.
+(a dataclass) and this module does not import torch: ``validate`` checks every value and combination that
+can be judged without a device or a dataset (including cheap file-system checks of ckpt_path and the
+output folders), so a mistake is reported before any dataset is indexed or model built.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
+import sys
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -29,8 +33,15 @@ class ConfigError(ShuffleNetV2Error, ValueError):
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # MindCV normalises 0..255 pixels
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
+# model.WIDTHS' names, spelled out so that the config stays free of torch (tests/test_bad_config.py checks they agree)
+MODELS = ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0")
+
+# The fixed class counts of the built-in datasets: a wrong num_classes is reported before any download or export.
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "digits": 10}
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "mode": (0, 1),
+    "model": MODELS,
     "dataset": ("imagenet", "imagefolder", "cifar10", "cifar100", "mnist", "digits"),
     "interpolation": ("bilinear", "bicubic", "nearest", "area", "lanczos"),
     "ckpt_save_policy": ("latest_k", "top_k", "none"),
@@ -110,6 +121,7 @@ class Config:
     keep_checkpoint_max: int = 10
     ckpt_save_dir: str = "./ckpt"
     ckpt_save_interval: int = 1
+    ckpt_save_steps: int = 0  # ours: also save every N optimizer steps inside an epoch (0 = epoch ends only)
     ckpt_save_policy: str = "latest_k"
     auto_resume: bool = False
     resume_opt: bool = False
@@ -206,7 +218,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 def suggest_key(key: object) -> str:
     """``; did you mean 'x'?`` for an unknown key: a known alias, the key with dashes fixed, or difflib's pick."""
-    text = str(key).strip()
+    if not isinstance(key, str):  # YAML keys such as 3 or null: nothing to compare with the names
+        return "; see `shufflenetv2 train --help` for the valid keys"
+    text = key.strip()
     normal = text.lower().replace("-", "_")
     names = ALIASES.get(normal) or ((normal,) if normal in FIELDS else ())
     if not names:
@@ -282,26 +296,88 @@ def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "
     for key, value in values.items():
         if key not in FIELDS:
             raise ConfigError(f"unknown key {key!r} in {where}{suggest_key(key)}")
-        setattr(cfg, key, _coerce(key, _TYPES[key], value))
+        try:
+            setattr(cfg, key, _coerce(key, _TYPES[key], value))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (from {where})") from None
     if check:
         validate(cfg)
     return cfg
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: object, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=again)
+        self.key, self.lines = key, (first.line + 1, again.line + 1)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML silently keeps the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:  # before merge keys (<<: *anchor) are flattened: overriding them is fine
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not key_node:
+                raise _DuplicateKeyError(key, first.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report (with a caret drawing) as one line: the problem, where, and in what."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
+        return " ".join(str(exc).split())
+    text = exc.problem
+    if exc.problem_mark is not None:
+        text += f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+    if exc.context:
+        text += f" ({exc.context}"
+        if exc.context_mark is not None:
+            text += f" that starts at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+        text += ")"
+    return " ".join(text.split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a file that cannot be one is a ConfigError saying how to fix it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror or exc}; check the path given to -c/--config"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); -c/--config "
+            "takes a YAML file of `key: value` lines such as configs/shufflenetv2/shufflenet_v2_0.5_ascend.yaml"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
+    except _DuplicateKeyError as exc:
+        first, again = exc.lines
+        raise ConfigError(
+            f"{path} sets {exc.key!r} twice (lines {first} and {again}); YAML would silently keep the last value, "
+            "so delete the one you do not want"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"{path} is not valid YAML: {_yaml_problem(exc)}; fix that line (one `key: value` per line, indented "
+            "with spaces, not tabs)"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of keys to values, not a {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must be a mapping of keys to values, not a {type(data).__name__}; write one `key: value` per "
+            "line at the top level, e.g. `lr: 0.1`"
+        )
     return data
 
 
@@ -345,33 +421,175 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mixup and cutmix are Beta-distribution alphas and must not be negative")
     if cfg.scale[0] > cfg.scale[1] or cfg.ratio[0] > cfg.ratio[1]:
         raise ConfigError(f"scale and ratio must be (min, max) ranges, got {cfg.scale} and {cfg.ratio}")
+    if cfg.ckpt_save_steps < 0:
+        raise ConfigError(f"ckpt_save_steps must be 0 (epoch ends only) or more, got {cfg.ckpt_save_steps}")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction must lie in [0, 1], got {cfg.max_bad_fraction}")
+    _validate_data(cfg)
+    _validate_schedule_and_optimizer(cfg)
+    _validate_run(cfg)
 
 
-def _flag_type(key: str):
-    annotation = _TYPES[key]
+def _validate_data(cfg: Config) -> None:
+    """What the data pipeline and the model's input and output need."""
+    if cfg.in_channels != 3:
+        raise ConfigError(
+            f"in_channels is {cfg.in_channels}, but train and validate always feed 3-channel RGB images (grey ones "
+            "are repeated to 3 channels); set in_channels 3"
+        )
+    classes = DATASET_CLASSES.get(cfg.dataset)
+    if classes is not None and cfg.num_classes != classes:
+        raise ConfigError(
+            f"dataset {cfg.dataset} has {classes} classes but num_classes is {cfg.num_classes}; "
+            f"set num_classes {classes}"
+        )
+    if cfg.color_jitter is not None and cfg.color_jitter < 0:
+        raise ConfigError(f"color_jitter must be 0 or more (0 or None: no jitter), got {cfg.color_jitter}")
+    if min(cfg.std) <= 0:
+        raise ConfigError(f"std divides every pixel and each of its 3 values must be positive, got {list(cfg.std)}")
+    if cfg.scale[0] < 0 or cfg.scale[1] <= 0:
+        raise ConfigError(
+            f"scale is the (min, max) fraction of the image area a random crop keeps, so it must be at least 0 with "
+            f"a positive max, got {list(cfg.scale)}; MindCV's default is [0.08, 1.0]"
+        )
+    if min(cfg.ratio) <= 0:
+        raise ConfigError(
+            f"ratio is the (min, max) aspect ratio of a random crop and must be positive, got {list(cfg.ratio)}; "
+            "MindCV's default is [0.75, 1.333]"
+        )
+    if cfg.re_prob > 0 and not 0 <= cfg.re_scale[0] <= cfg.re_scale[1] <= 1:
+        raise ConfigError(
+            f"re_scale is the (min, max) fraction of the image that random erasing covers and must be a range "
+            f"within [0, 1], got {list(cfg.re_scale)}; MindCV's default is [0.02, 0.33]"
+        )
+    if cfg.re_prob > 0 and not 0 < cfg.re_ratio[0] <= cfg.re_ratio[1]:
+        raise ConfigError(
+            f"re_ratio is the (min, max) aspect ratio of the erased patch and must be a range of positive numbers, "
+            f"got {list(cfg.re_ratio)}; MindCV's default is [0.3, 3.3]"
+        )
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
 
-    def parse(text: str) -> Any:
-        try:
-            return _coerce(key, annotation, text)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parse.__name__ = key
-    return parse
+_MOMENTUM_OPTIMIZERS = ("momentum", "sgd", "nesterov", "rmsprop")
+
+
+def _validate_schedule_and_optimizer(cfg: Config) -> None:
+    """The checks ``optim`` would make after the dataset is indexed and the model built, made up front."""
+    for key in ("warmup_factor", "decay_rate", "cycle_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(
+                f"{key} multiplies the learning rate, so a negative one makes it negative; got {getattr(cfg, key)}"
+            )
+    if cfg.scheduler in ("cosine_decay", "warmup_cosine_decay", "step_decay") and cfg.decay_epochs < 1:
+        raise ConfigError(
+            f"scheduler {cfg.scheduler} needs decay_epochs of at least 1 (the epochs one decay lasts), got "
+            f"{cfg.decay_epochs}; MindCV's recipes use epoch_size - warmup_epochs"
+        )
+    if cfg.num_cycles < 1:
+        raise ConfigError(f"num_cycles must be at least 1, got {cfg.num_cycles}")
+    if min(cfg.multi_step_decay_milestones, default=0) < 0:
+        raise ConfigError(
+            f"multi_step_decay_milestones are epochs after warmup and must not be negative, got "
+            f"{list(cfg.multi_step_decay_milestones)}"
+        )
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay must not be negative (0 turns it off), got {cfg.weight_decay}")
+    if cfg.opt in _MOMENTUM_OPTIMIZERS and cfg.momentum < 0:
+        raise ConfigError(f"momentum must not be negative (0 turns it off), got {cfg.momentum}")
+    nesterov = cfg.opt == "nesterov" or (cfg.use_nesterov and cfg.opt in ("momentum", "sgd"))
+    if nesterov and cfg.momentum <= 0:
+        raise ConfigError(
+            f"Nesterov momentum needs momentum > 0, got momentum {cfg.momentum}; set momentum (e.g. 0.9), or use "
+            "opt sgd with use_nesterov False"
+        )
+    if cfg.opt == "adam" and cfg.use_nesterov:
+        raise ConfigError("use_nesterov is not supported with opt adam; set use_nesterov False")
+    if cfg.opt == "rmsprop" and cfg.eps <= 0:
+        raise ConfigError(f"opt rmsprop divides by sqrt(mean square) + eps, so eps must be positive, got {cfg.eps}")
+    if cfg.clip_grad and cfg.clip_value <= 0:
+        raise ConfigError(
+            f"clip_grad True scales the gradients down to a norm of clip_value, which must be positive, got "
+            f"{cfg.clip_value}; set clip_value (MindCV's default is 15) or clip_grad False"
+        )
+    if cfg.amp_level != "O0" and cfg.amp_dtype == "float16" and cfg.device == "cpu":
+        raise ConfigError(
+            f"amp_level {cfg.amp_level} with amp_dtype float16 needs a GPU, but device is cpu: float16 autocast on a "
+            "CPU is slow and unsupported for training here; use amp_dtype bfloat16 (or auto), or amp_level O0"
+        )
+
+
+def _file_in_the_way(folder: str) -> Path | None:
+    """The existing file that stands where ``folder`` or one of its parents would have to be a folder."""
+    path = Path(folder).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _validate_run(cfg: Config) -> None:
+    """Resuming and the output folders: cheap file-system checks, so a typo costs seconds, not an indexed dataset."""
+    if cfg.resume_opt and not cfg.ckpt_path and not cfg.auto_resume:
+        raise ConfigError(
+            "resume_opt True continues from the optimizer state saved beside the checkpoint named by ckpt_path, but "
+            "ckpt_path is empty; set ckpt_path to a checkpoint written by train, set auto_resume True to continue "
+            "from the latest one in ckpt_save_dir, or set resume_opt False"
+        )
+    if cfg.ckpt_path and not cfg.auto_resume:  # with auto_resume it is only the fallback when no checkpoint exists
+        path = Path(cfg.ckpt_path)
+        if not path.exists():
+            raise ConfigError(
+                f"ckpt_path {path} does not exist; check the path (a .safetensors, MindCV .ckpt or .pth file, or a "
+                "train checkpoint), or leave ckpt_path empty"
+            )
+        if path.is_dir():
+            raise ConfigError(f"ckpt_path {path} is a folder; set it to a weight file in it")
+    for key in ("ckpt_save_dir", "output_dir"):
+        value = getattr(cfg, key)
+        blocker = _file_in_the_way(value) if value else None
+        if blocker is not None:
+            problem = "is a file" if blocker == Path(value).expanduser() else f"cannot be created: {blocker} is a file"
+            raise ConfigError(f"{key} {value} {problem}, not a folder; choose another {key} or move that file")
+
+
+_NO_VALUE = re.compile(r"argument (?:\S+/)?(\S+): expected one argument")
+
+
+def _argument_error(message: str) -> NoReturn:
+    """argparse's own errors printed as the CLI prints a ConfigError: one ``error:`` line, exit status 2.
+
+    argparse would print its usage block first: for ~100 flags that buries the one line that matters.
+    """
+    match = _NO_VALUE.fullmatch(message)
+    if match:
+        flag = match.group(1)
+        message += f"; give {flag} a value (written {flag}=VALUE when the value starts with '-')"
+    elif message.startswith("unrecognized arguments:"):
+        flags = [word for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        if flags:  # the same words as the CLI's own report of unknown train/validate flags
+            message = "; ".join(
+                f"unknown option {flag!r}{suggest_key(flag.lstrip('-').split('=')[0])}" for flag in flags
+            )
+    else:
+        message += "; see --help"
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``-c/--config`` plus one ``--key VALUE`` flag per config key (default: not given)."""
+    """``-c/--config`` plus one ``--key VALUE`` flag per config key (default: not given).
+
+    Values stay text here and are converted by ``from_dict``, so a wrong one is a ConfigError like a wrong
+    value in the YAML file; argparse's own complaints (a flag without a value) become one ``error:`` line.
+    """
+    parser.error = _argument_error  # type: ignore[method-assign]
     parser.add_argument("-c", "--config", default="", help="YAML file with MindCV config keys")
     groups = {}
     for key, field in FIELDS.items():
         group = groups.setdefault(field.metadata.get("group", "options"), parser)
         default = field.default if field.default is not dataclasses.MISSING else None
-        group.add_argument(
-            f"--{key}", type=_flag_type(key), default=argparse.SUPPRESS, metavar="V", help=f"(default: {default!r})"
-        )
+        group.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar="V", help=f"(default: {default!r})")
 
 
 def from_args(args: argparse.Namespace) -> Config:

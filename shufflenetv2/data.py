@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -22,17 +23,18 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from .config import Config
 from .errors import DataError
+from .interrupt import ignore_in_worker, reap_workers_at_exit
 
 try:  # torchvision 0.29 deprecated its image codecs (TorchCodec replaces them); PIL remains as fallback
     from torchvision.io import ImageReadMode, decode_image
@@ -44,6 +46,7 @@ warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
 )
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning threshold (about 9,459 x 9,459); ImageNet's largest is ~20 M
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 FOLDER_DATASETS = ("imagenet", "imagefolder")
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "mnist")
@@ -71,6 +74,7 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
     if not raw:
         raise DataError(f"cannot decode image {path}: the file is empty; remove it or replace it with the image")
+    _refuse_huge(path, raw)
     try:
         if decode_image is None:
             raise RuntimeError("torchvision cannot decode images")
@@ -84,12 +88,38 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
     return image
 
 
-def _decode_with_pil(path: Path, raw: bytes) -> Tensor:
+def _refuse_huge(path: Path, raw: bytes) -> None:
+    """Read only the header: a few kilobytes can declare gigapixels (a decompression bomb)."""
     from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        width, height = MAX_IMAGE_PIXELS + 1, 1  # PIL refuses twice its own limit before telling the size
+    except Exception:  # not a format PIL identifies: the decoders below give the error
+        return
+    if width * height > MAX_IMAGE_PIXELS:
+        size = f"{width} x {height} pixels" if height > 1 else "more pixels than PIL will open"
+        raise DataError(
+            f"cannot decode image {path}: it declares {size}, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(a decompression bomb, or a scan far larger than a training image); downscale or remove it"
+        )
+
+
+def _decode_with_pil(path: Path, raw: bytes) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
             rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(
+            f"cannot decode image {path}: it is in no image format torchvision or PIL knows (it starts with "
+            f"{raw[:16]!r}); remove the file or replace it with a valid image"
+        ) from None
     except Exception as exc:  # PIL's plugins raise many types for corrupt files
         raise DataError(
             f"cannot decode image {path}: neither torchvision nor PIL can read it ({exc}); "
@@ -275,7 +305,13 @@ def _index_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     empty = []
     for label, name in enumerate(classes):
         files = []
+        visited: set[tuple[int, int]] = set()  # linked folders are followed, but each real folder once
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            stat = os.stat(dirpath)
+            if (stat.st_dev, stat.st_ino) in visited:  # a symlink loop, or a second link to the same folder
+                dirnames[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             files += [os.path.join(dirpath, f) for f in filenames if _is_image(f)]
         if not files:
@@ -293,6 +329,15 @@ def _index_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             stacklevel=3,
         )
     return classes, samples
+
+
+def describe_class_difference(train: Sequence[str], val: Sequence[str]) -> str:
+    """Which class names only one split has, for an error message."""
+    only_train = [c for c in train if c not in set(val)]
+    only_val = [c for c in val if c not in set(train)]
+    parts = [f"only in training: {_preview(only_train)}"] if only_train else []
+    parts += [f"only in validation: {_preview(only_val)}"] if only_val else []
+    return "; ".join(parts) or "the same names in a different order"
 
 
 def _preview(names: Sequence[str], limit: int = 8) -> str:
@@ -619,19 +664,21 @@ class SeededSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, sampler: Sampler[int], seed: int) -> None:
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
+        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start ``epoch``; ``skip`` leaves out its first samples (they were trained on before a resume)."""
+        self.epoch, self.skip = epoch, skip
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) * 2_147_483_629
-        return ((index, (base + index) % 2**63) for index in self.sampler)
+        keys = ((index, (base + index) % 2**63) for index in self.sampler)
+        return itertools.islice(keys, self.skip, None)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(0, len(self.sampler) - self.skip)
 
 
 class SeededDataset(Dataset):
@@ -651,11 +698,61 @@ class SeededDataset(Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            try:
+                return self.dataset[index]
+            except DataError as exc:  # the collate function decides what a bad sample means
+                return Unreadable(str(exc))
+
+
+class Unreadable(NamedTuple):
+    """Stands in for a sample whose file could not be read; ``reason`` names the file."""
+
+    reason: str
+
+
+class LoadedBatch(NamedTuple):
+    """What the loaders yield: a batch plus the reasons of the samples that could not be read.
+
+    ``images``/``targets`` are None only for an evaluation batch in which nothing could be read.
+    """
+
+    images: Tensor | None
+    targets: Tensor | None
+    unreadable: tuple[str, ...]
+
+
+def collate_train(items: list[Any]) -> LoadedBatch:
+    """Unreadable samples are replaced by copies of readable ones from the same batch.
+
+    The batch keeps its size, so BatchNorm statistics, compiled graphs and DDP's equal shards are
+    unaffected; the loop counts the replacements and stops when there are too many.
+    """
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    bad = tuple(item.reason for item in items if isinstance(item, Unreadable))
+    if not bad:
+        return LoadedBatch(*default_collate(items), ())
+    if not good:
+        raise DataError(
+            f"no image of a training batch of {len(items)} could be read, e.g. {bad[0]}. Check the dataset "
+            "(a failing disk or mount?) and remove or replace the broken files."
+        )
+    filled = [good[i % len(good)] for i in range(len(items))]
+    filled[: len(good)] = good  # readable samples keep their place at the front, copies fill the rest
+    return LoadedBatch(*default_collate(filled), bad)
+
+
+def collate_eval(items: list[Any]) -> LoadedBatch:
+    """Unreadable samples are left out (never duplicated: metrics count real images only)."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    bad = tuple(item.reason for item in items if isinstance(item, Unreadable))
+    if not good:
+        return LoadedBatch(None, None, bad)
+    return LoadedBatch(*default_collate(good), bad)
 
 
 def _seed_worker(worker_id: int) -> None:
     """torch seeds each worker (base seed + id); give ``random`` and NumPy the same seed."""
+    ignore_in_worker()
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -669,6 +766,8 @@ def build_loader(
     Train: shuffled per ``cfg.shuffle``, the last partial batch dropped per ``cfg.drop_remainder``.
     Eval: in order, every sample exactly once.  The sample order depends only on (seed, epoch) and
     each sample's augmentation only on (seed, epoch, index), so a resumed run repeats an uninterrupted one.
+    Batches are ``LoadedBatch(images, targets, unreadable)``: see ``collate_train`` / ``collate_eval``
+    for what happens to files that cannot be read.
     """
     seed = cfg.seed if seed is None else seed
     shuffle = train and cfg.shuffle
@@ -690,12 +789,15 @@ def build_loader(
             "on. Lower batch_size, set drop_remainder False, or use more images (num_samples)."
         )
     workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
+    if workers:
+        reap_workers_at_exit()
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
     return DataLoader(
         SeededDataset(dataset),
         batch_size=cfg.batch_size,
         sampler=SeededSampler(sampler, seed),
+        collate_fn=collate_train if train else collate_eval,
         drop_last=drop_last,
         num_workers=workers,
         persistent_workers=workers > 0,

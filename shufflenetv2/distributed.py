@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError
 
+_host_group: object | None = None  # gloo group for host-side votes (see any_rank)
+
 
 @dataclass(frozen=True)
 class Context:
@@ -54,6 +56,8 @@ def setup(cfg: Config) -> Context:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        global _host_group  # created here, collectively, in the same order on every rank
+        _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     elif cfg.distribute and rank == 0:
         print(
             "note: distribute is True but this process was not launched by torchrun (WORLD_SIZE is unset or 1), "
@@ -64,6 +68,8 @@ def setup(cfg: Config) -> Context:
 
 
 def cleanup() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -80,6 +86,19 @@ def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one: a host-side vote that costs no device sync.
+
+    Under NCCL the vote goes through a gloo side group on CPU tensors, so asking it every step never
+    waits for queued GPU work.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    vote = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(vote.item())
 
 
 def all_gather_object(value: object) -> list[object]:

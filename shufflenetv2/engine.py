@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from . import data as data_mod
 from . import distributed as dist
 from . import optim
 from .config import Config, ConfigError, to_yaml
-from .errors import ShuffleNetV2Error
+from .errors import DataError, ShuffleNetV2Error, StorageError
 from .factory import create_model
-from .fileio import atomic_path
+from .fileio import atomic_path, check_writable, storage_error
+from .interrupt import StopRequest, TrainingInterrupted
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
 
@@ -43,10 +45,15 @@ class EvalResult:
     top1: float
     top5: float
     loss: float
-    count: int
+    count: int  # images evaluated, over all ranks
+    unreadable: int = 0  # files that could not be read (over all ranks), left out of the metrics
+    unreadable_here: tuple[str, ...] = ()  # this rank's reasons, each naming its file
 
     def as_mindcv(self) -> dict[str, float]:
         return {"Top_1_Accuracy": self.top1, "Top_5_Accuracy": self.top5, "loss": self.loss}
+
+    def describe_unreadable(self) -> str:
+        return f"; {self.unreadable} unreadable file(s) left out" if self.unreadable else ""
 
 
 @dataclass
@@ -139,9 +146,13 @@ def evaluate(
 ) -> EvalResult:
     """Top-1, top-5 and mean cross-entropy over every sample of ``loader`` summed over all ranks."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, loss sum, count, unreadable
     autocast = precision.autocast(device) if precision else contextlib.nullcontext()
-    for images, target in loader:
+    unreadable: list[str] = []
+    for images, target, bad in loader:
+        unreadable += bad
+        if images is None:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast:
@@ -150,13 +161,15 @@ def evaluate(
         top1, top5 = accuracy_counts(logits, target)
         totals += torch.stack(
             [top1.double(), top5.double(), F.cross_entropy(logits, target, reduction="sum").double(),
-             torch.tensor(float(target.numel()), dtype=torch.float64, device=device)]
+             torch.tensor(float(target.numel()), dtype=torch.float64, device=device), totals.new_zeros(())]
         )  # fmt: skip
+    totals[4] += len(unreadable)
     dist.all_reduce_sum(totals)
-    top1, top5, loss_sum, count = totals.tolist()
+    top1, top5, loss_sum, count, bad = totals.tolist()
     if count == 0:
-        raise ShuffleNetV2Error("the validation split holds no images")
-    return EvalResult(top1 / count, top5 / count, loss_sum / count, int(count))
+        why = f": none of its {int(bad)} files could be read, e.g. {unreadable[0]}" if unreadable else ""
+        raise DataError(f"the validation split holds no readable images{why}")
+    return EvalResult(top1 / count, top5 / count, loss_sum / count, int(count), int(bad), tuple(unreadable))
 
 
 def eval_loader(cfg: Config, dataset: torch.utils.data.Dataset, ctx: dist.Context) -> torch.utils.data.DataLoader:
@@ -173,15 +186,28 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ctx = dist.setup(cfg)
+        self.precision = Precision.from_config(cfg, self.ctx.device)  # a config error: before any file exists
         self.run_dir = Path(cfg.output_dir or cfg.ckpt_save_dir)
-        self.log = setup_logger(self.run_dir, self.ctx.rank)
+        if self.ctx.is_main:
+            check_writable(self.run_dir, "the run directory (output_dir)")
+            check_writable(cfg.ckpt_save_dir, "checkpoints to ckpt_save_dir")
+        try:
+            self.log = setup_logger(self.run_dir, self.ctx.rank)
+        except OSError as exc:
+            raise storage_error(exc, self.run_dir, "the training log to") from None
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed + self.ctx.rank)
-        self.precision = Precision.from_config(cfg, self.ctx.device)
 
-        self.train_set = data_mod.build_dataset(cfg, cfg.train_split, train=True)
+        # validation first: it is smaller, so a missing split is reported before ImageNet's 1.28 M files are listed
         self.val_set = data_mod.build_dataset(cfg, cfg.val_split, train=False) if cfg.val_while_train else None
+        self.train_set = data_mod.build_dataset(cfg, cfg.train_split, train=True)
+        if self.val_set is not None and list(self.val_set.classes) != list(self.train_set.classes):
+            raise DataError(
+                f"the {cfg.val_split!r} split's classes differ from the {cfg.train_split!r} split's "
+                f"({data_mod.describe_class_difference(self.train_set.classes, self.val_set.classes)}), so "
+                "labels would not mean the same class; give both splits the same class folders"
+            )
         classes = len(self.train_set.classes)
         if classes != cfg.num_classes:
             raise ConfigError(
@@ -228,6 +254,14 @@ class Trainer:
         )
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer steps taken
+        self.start_batch = 0  # batches of epoch ``self.epoch`` already trained on (an interim checkpoint)
+        self.carried_loss = 0.0  # that part's summed loss (float64) and unreadable-image count
+        self.carried_unreadable = 0
+        self.warned: dict[str, None] = {}  # unreadable files already named in the log, in order
+        self.stop = StopRequest()
+        if self.ctx.is_main:
+            for path in ckpt.remove_partial_files(Path(cfg.ckpt_save_dir), cfg.model):
+                self.log.info(f"removed {path.name}, left by a save that was interrupted")
         self.best_top1: float | None = None
         self.best_path: Path | None = None
         self.last_checkpoint: Path | None = None
@@ -270,15 +304,36 @@ class Trainer:
         if ref is None:
             return False
         state = ckpt.load_state(ref.state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            saved = state.get("config", {})
+            was = ", ".join(f"{k} {saved.get(k)!r}" for k in ("model", "opt", "weight_decay_filter") if k in saved)
+            raise TrainingError(
+                f"the optimizer state in {ref.state} does not fit this run's optimizer ({exc}); it was saved with "
+                f"{was or 'another configuration'}. Resume with the same model, opt and weight_decay_filter, or "
+                "start the optimizer afresh from those weights with --ckpt_path X --resume_opt False"
+            ) from None
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        rank = min(self.ctx.rank, len(state["rng"]) - 1)  # resuming on more ranks than saved: reuse the last
+        self.start_batch = int(state.get("batch", 0))
+        if self.start_batch and len(state["rng"]) != self.ctx.world_size:
+            raise TrainingError(
+                f"{ref.weights} was saved inside an epoch by {len(state['rng'])} process(es); the rest of that "
+                f"epoch's data order only exists for that many, not {self.ctx.world_size}. Resume it with the "
+                "same number of processes, or from an epoch-end checkpoint"
+            )
+        if self.start_batch:
+            self.carried_loss = float(state["epoch_loss_sum"][rank])
+            self.carried_unreadable = int(state["epoch_unreadable"][rank])
         self.best_top1 = state.get("best_top1")
-        ckpt.set_rng_state(state["rng"][min(self.ctx.rank, len(state["rng"]) - 1)])
-        self.log.info(f"resumed from {ref.weights} at epoch {self.epoch}, optimizer step {self.global_step}")
+        ckpt.set_rng_state(state["rng"][rank])
+        where = f"epoch {self.epoch + 1}, batch {self.start_batch}" if self.start_batch else f"epoch {self.epoch}"
+        self.log.info(f"resumed from {ref.weights} after {where}, optimizer step {self.global_step}")
         return True
 
     def _reseed_ema(self) -> None:
@@ -286,16 +341,20 @@ class Trainer:
         if self.ema is not None:
             self.ema = optim.ModelEMA(self.model, self.cfg.ema_decay)
 
-    def _state(self) -> dict[str, Any]:
-        rng = dist.all_gather_object(ckpt.rng_state())  # one entry per rank
+    def _state(self, batch: int = 0, loss_sum: float = 0.0, unreadable: int = 0) -> dict[str, Any]:
+        """Everything a resumed run needs; ``batch`` > 0 marks a checkpoint taken inside epoch ``epoch + 1``."""
+        per_rank = dist.all_gather_object((ckpt.rng_state(), loss_sum, unreadable))
         return {
             "epoch": self.epoch,
+            "batch": batch,
+            "epoch_loss_sum": [entry[1] for entry in per_rank],
+            "epoch_unreadable": [entry[2] for entry in per_rank],
             "global_step": self.global_step,
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best_top1": self.best_top1,
-            "rng": rng,
+            "rng": [entry[0] for entry in per_rank],
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -306,7 +365,7 @@ class Trainer:
         if ctx.is_main:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(to_yaml(cfg))
-        record = RunRecord(self.run_dir, resume=self.resumed) if ctx.is_main else None
+        record = RunRecord(self.run_dir, resume_after=self.epoch if self.resumed else None) if ctx.is_main else None
         global_batch = cfg.batch_size * ctx.world_size
         log.info(
             f"{cfg.model}: {data_mod.describe_dataset(self.train_set)}; {self.batches_per_epoch} batches/epoch of "
@@ -316,44 +375,90 @@ class Trainer:
         last_eval = None
         run_start = time.perf_counter()
         self.first_epoch = self.epoch
-        for epoch in range(self.epoch, cfg.epoch_size):
-            train_start = time.perf_counter()
-            train_loss, lr = self._train_epoch(epoch)
-            train_time = time.perf_counter() - train_start
-            self.epoch = epoch + 1
-            row: dict[str, Any] = {"epoch": self.epoch, "train_loss": train_loss, "lr": lr, "train_time": train_time}
-            eval_time, epoch_eval = 0.0, None
-            if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
-                eval_start = time.perf_counter()
-                last_eval = epoch_eval = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
-                eval_time = time.perf_counter() - eval_start
-                if cfg.mode == 0 and epoch == self.first_epoch:
-                    log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
-                row.update(top1=last_eval.top1, top5=last_eval.top5, val_loss=last_eval.loss)
-                log.info(
-                    f"Epoch {self.epoch}/{cfg.epoch_size} validation: top-1 {100 * last_eval.top1:.2f}%  "
-                    f"top-5 {100 * last_eval.top5:.2f}%  loss {last_eval.loss:.4f}  "
-                    f"({last_eval.count} images, {eval_time:.1f} s)"
-                )
-            row.update(eval_time=eval_time, total_time=time.perf_counter() - train_start)
-            self._save(epoch_eval)
-            if record is not None:
-                record.add(row)
-                plot_curves(record.metrics, self.run_dir / "curves.png")
+        with self.stop:
+            for epoch in range(self.epoch, cfg.epoch_size):
+                last_eval = self._run_epoch(epoch, record) or last_eval
         total = time.perf_counter() - run_start
         log.info(f"training finished: {cfg.epoch_size} epochs in {total:.1f} s; run directory {self.run_dir}")
         dist.barrier()
         return RunResult(self.run_dir, self.epoch, last_eval, self.best_top1, self.best_path, self.last_checkpoint)
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+    def _run_epoch(self, epoch: int, record: RunRecord | None) -> EvalResult | None:
+        """Train one epoch, validate when due, record it and save; returns this epoch's evaluation."""
+        cfg, ctx, log = self.cfg, self.ctx, self.log
+        train_start = time.perf_counter()
+        train_loss, lr, unreadable = self._train_epoch(epoch)
+        train_time = time.perf_counter() - train_start
+        self.epoch = epoch + 1
+        if unreadable:
+            log.info(
+                f"Epoch {self.epoch}/{cfg.epoch_size}: {unreadable} unreadable image(s) were skipped, each replaced "
+                "in its batch by a copy of a readable one (the files are named above)"
+            )
+        row: dict[str, Any] = {
+            "epoch": self.epoch, "train_loss": train_loss, "lr": lr, "train_time": train_time, "unreadable": unreadable
+        }  # fmt: skip
+        evaluation, eval_time = None, 0.0
+        if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
+            eval_start = time.perf_counter()
+            evaluation = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
+            eval_time = time.perf_counter() - eval_start
+            if cfg.mode == 0 and epoch == self.first_epoch:
+                log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
+            self._warn_unreadable(evaluation.unreadable_here)
+            row.update(top1=evaluation.top1, top5=evaluation.top5, val_loss=evaluation.loss)
+            log.info(
+                f"Epoch {self.epoch}/{cfg.epoch_size} validation: top-1 {100 * evaluation.top1:.2f}%  "
+                f"top-5 {100 * evaluation.top5:.2f}%  loss {evaluation.loss:.4f}  "
+                f"({evaluation.count} images{evaluation.describe_unreadable()}, {eval_time:.1f} s)"
+            )
+        row.update(eval_time=eval_time, total_time=time.perf_counter() - train_start)
+        if record is not None:  # before the checkpoint: a crash in between repeats the row, never loses it
+            try:
+                record.add(row)
+            except OSError as exc:
+                raise storage_error(exc, self.run_dir, "the run record (result.log, metrics.jsonl) to") from None
+        stopping = dist.any_rank(self.stop.signal_name is not None)
+        self._save(evaluation, force=stopping)
+        if record is not None:  # the slow, cosmetic part last
+            try:
+                plot_curves(record.metrics, self.run_dir / "curves.png")
+            except OSError as exc:
+                log.warning(f"warning: {storage_error(exc, self.run_dir, 'curves.png to')}")
+        if stopping:
+            self._interrupted(f"after epoch {self.epoch}")
+        return evaluation
+
+    def _interrupted(self, where: str) -> None:
+        saved = f"saved {self.last_checkpoint}" if self.last_checkpoint else "the checkpoint was saved on rank 0"
+        raise TrainingInterrupted(
+            f"stopped by {self.stop.signal_name or 'a signal on another rank'} {where} (optimizer step "
+            f"{self.global_step}); {saved}. Run the same command with --auto_resume True to continue from there"
+        )
+
+    def _example_unreadable(self) -> str:
+        return f" (e.g. {next(iter(self.warned))})" if self.warned else ""
+
+    def _warn_unreadable(self, reasons: Sequence[str]) -> None:
+        """Name each unreadable file once per run, on every rank (other ranks' loggers do not print)."""
+        for reason in reasons:
+            if reason in self.warned:
+                continue
+            self.warned[reason] = None
+            self.log.warning(f"warning: skipped an unreadable file: {reason}")
+            if not self.ctx.is_main:
+                print(f"[rank {self.ctx.rank}] warning: skipped an unreadable file: {reason}", file=sys.stderr)
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """One epoch (or its rest, after an interim checkpoint): mean loss, last lr, unreadable images."""
         cfg, ctx = self.cfg, self.ctx
         device = ctx.device
         self.net.train()
-        sampler = self.train_loader.sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        start, self.start_batch = self.start_batch, 0
+        self.train_loader.sampler.set_epoch(epoch, skip=start * cfg.batch_size)
         use_mixup = self.mixup is not None and (cfg.mixup_off_epoch <= 0 or epoch < cfg.mixup_off_epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.full((), self.carried_loss if start else 0.0, dtype=torch.float64, device=device)
+        unreadable = self.carried_unreadable if start else 0
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         global_batch = cfg.batch_size * ctx.world_size
         interval_start = time.perf_counter()
@@ -364,13 +469,23 @@ class Trainer:
         batches = self.batches_per_epoch
         self.optimizer.zero_grad(set_to_none=True)
         it = iter(self.train_loader)
-        for batch_index in range(batches):
+        for batch_index in range(start, batches):
             wait_start = time.perf_counter()
             try:
-                images, target = next(it)
+                images, target, bad_files = next(it)
             except StopIteration:
                 break
+            except Exception:
+                if self.stop.signal_name is None or ctx.distributed or batch_index % self.accum:
+                    raise
+                # a group-wide SIGTERM also stopped the loader workers: save the steps finished so far
+                self._check_health(first_bad, unreadable, epoch, batches)
+                self._save_interim(batch_index, loss_sum, unreadable)
+                self._interrupted(f"in epoch {epoch + 1} after batch {batch_index}/{batches}")
             data_wait += time.perf_counter() - wait_start
+            if bad_files:
+                unreadable += len(bad_files)
+                self._warn_unreadable(bad_files)
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -378,7 +493,7 @@ class Trainer:
             if use_mixup:
                 images, target = self.mixup(images, target)
             boundary = (batch_index + 1) % self.accum == 0
-            if boundary or batch_index == 0:
+            if boundary or batch_index == start:
                 lr = self.schedule[min(self.global_step, len(self.schedule) - 1)]
                 optim.set_lr(self.optimizer, lr)
             sync = contextlib.nullcontext()
@@ -396,32 +511,56 @@ class Trainer:
                 else:
                     scaled.backward()
             step_number = epoch * batches + batch_index + 1
-            bad = ~torch.isfinite(loss.detach())
-            first_bad = torch.where(bad & (first_bad < 0), torch.tensor(step_number, device=device), first_bad)
+            nonfinite = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(nonfinite & (first_bad < 0), torch.tensor(step_number, device=device), first_bad)
             loss_sum += loss.detach().double()
+            done = batch_index + 1
             if boundary:
                 self._optimizer_step()
+                stopping = dist.any_rank(self.stop.signal_name is not None)
+                interim_due = cfg.ckpt_save_steps > 0 and self.global_step % cfg.ckpt_save_steps == 0
+                if stopping or (interim_due and done < batches):
+                    self._check_health(first_bad, unreadable, epoch, batches)  # never save a NaN or a bad epoch
+                    self._save_interim(done, loss_sum, unreadable)
+                    if stopping:
+                        self._interrupted(f"in epoch {epoch + 1} after batch {done}/{batches}")
             if not self.compile_reported and cfg.mode == 0:
                 self._report_compile(loss, time.perf_counter() - wait_start)
             interval_steps += 1
-            at_log_point = (batch_index + 1) % cfg.log_interval == 0 or batch_index + 1 == batches
+            at_log_point = done % cfg.log_interval == 0 or done == batches
             if interactive and not at_log_point:
-                print(f"\r  epoch {epoch + 1} batch {batch_index + 1}/{batches}", end="", flush=True)
+                print(f"\r  epoch {epoch + 1} batch {done}/{batches}", end="", flush=True)
             if at_log_point:
-                # the one host sync per log interval; every rank stops together, naming the earliest step
-                never = torch.iinfo(torch.int64).max
-                bad_step = int(dist.all_reduce_min(torch.where(first_bad < 0, never, first_bad)))
-                if bad_step != never:
-                    raise TrainingError(
-                        f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}, batch "
-                        f"{(bad_step - 1) % batches + 1}); training stopped without saving, so the last good "
-                        f"checkpoint in {self.run_dir} is intact. Lower lr, enable clip_grad, or use amp_level O0"
-                    )
+                self._check_health(first_bad, unreadable, epoch, batches)
                 elapsed = time.perf_counter() - interval_start
-                self._log_step(epoch, batch_index + 1, loss, lr, elapsed, data_wait, interval_steps, global_batch)
+                self._log_step(epoch, done, loss, lr, elapsed, data_wait, interval_steps, global_batch)
                 interval_start, data_wait, interval_steps = time.perf_counter(), 0.0, 0
-        mean_loss = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(batches), device=device).double()]))
-        return float(mean_loss[0] / mean_loss[1]), lr
+        totals = torch.stack(
+            [loss_sum, torch.tensor(float(batches), device=device).double(), loss_sum.new_tensor(float(unreadable))]
+        )
+        dist.all_reduce_sum(totals)
+        return float(totals[0] / totals[1]), lr, int(totals[2])
+
+    def _check_health(self, first_bad: torch.Tensor, unreadable: int, epoch: int, batches: int) -> None:
+        """The loop's host sync: every rank stops together on a NaN loss or too many unreadable images."""
+        never = torch.iinfo(torch.int64).max
+        bad_step = int(dist.all_reduce_min(torch.where(first_bad < 0, never, first_bad)))
+        if bad_step != never:
+            raise TrainingError(
+                f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}, batch "
+                f"{(bad_step - 1) % batches + 1}); training stopped without saving, so the last good "
+                f"checkpoint in {self.cfg.ckpt_save_dir} is intact. Lower lr, enable clip_grad, or use amp_level O0"
+            )
+        total = int(dist.all_reduce_sum(torch.tensor(float(unreadable), dtype=torch.float64, device=first_bad.device)))
+        images = batches * self.cfg.batch_size * self.ctx.world_size
+        if total > self.cfg.max_bad_fraction * images:
+            raise DataError(
+                f"{total} image file(s) could not be read so far in epoch {epoch + 1}, more than max_bad_fraction "
+                f"{self.cfg.max_bad_fraction:g} of its {images} images allows{self._example_unreadable()}; the "
+                f"files are named in the warnings above and in {self.run_dir}/train_rank*.log. Remove or replace "
+                "them, or raise max_bad_fraction. "
+                f"Training stopped; the checkpoints in {self.cfg.ckpt_save_dir} are intact"
+            )
 
     def _report_compile(self, loss: torch.Tensor, seconds_so_far: float) -> None:
         """The first compiled step includes torch.compile's tracing and code generation: say how long."""
@@ -471,29 +610,52 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def _save(self, result: EvalResult | None) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        model_name = cfg.model
+    def _save(self, result: EvalResult | None, force: bool = False) -> None:
+        """Epoch end: the best weights when validation improved, a checkpoint when due (or ``force``)."""
+        cfg = self.cfg
         improved = result is not None and (self.best_top1 is None or result.top1 > self.best_top1)
         if improved:
             self.best_top1 = result.top1
-        due = self.epoch % cfg.ckpt_save_interval == 0 or self.epoch == cfg.epoch_size
+        due = force or self.epoch % cfg.ckpt_save_interval == 0 or self.epoch == cfg.epoch_size
         state = self._state() if due else None  # collective under DDP: every rank takes part
-        if not ctx.is_main:
+        if not self.ctx.is_main:
             return
-        directory = Path(cfg.ckpt_save_dir)
-        weights_model = self.ema.module if self.ema is not None else self.model
-        if improved:
-            self.best_path = directory / f"{model_name}_best.safetensors"
-            save_weights(self.best_path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best")
-        if state is None:
+        with self._writing_checkpoints():
+            if improved:
+                path = Path(cfg.ckpt_save_dir) / f"{cfg.model}_best.safetensors"
+                weights_model = self.ema.module if self.ema is not None else self.model
+                save_weights(path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best")
+                self.best_path = path
+            if state is not None:
+                ref = ckpt.checkpoint_ref(Path(cfg.ckpt_save_dir), cfg.model, self.epoch, self.batches_per_epoch)
+                self._write_checkpoint(ref, state, f"epoch {self.epoch}")
+                self.keeper.add(ref, result.top1 if result is not None else None)
+
+    def _save_interim(self, batch: int, loss_sum: torch.Tensor, unreadable: int) -> None:
+        """A checkpoint inside epoch ``self.epoch + 1``, after ``batch`` batches (ckpt_save_steps, or a stop)."""
+        state = self._state(batch, float(loss_sum), unreadable)
+        if not self.ctx.is_main:
             return
-        ref = ckpt.checkpoint_ref(directory, model_name, self.epoch, self.batches_per_epoch)
+        ref = ckpt.checkpoint_ref(Path(self.cfg.ckpt_save_dir), self.cfg.model, self.epoch + 1, batch)
+        with self._writing_checkpoints():
+            self._write_checkpoint(ref, state, f"epoch {self.epoch + 1}, batch {batch}")
+            self.keeper.add(ref, None, interim=True)
+
+    def _write_checkpoint(self, ref: ckpt.CheckpointRef, state: dict[str, Any], source: str) -> None:
         if self.ema is not None:  # before the network weights, which mark the checkpoint complete
-            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"epoch {self.epoch} EMA")
-        ckpt.save_checkpoint(ref, self.model, state, source=f"epoch {self.epoch}")
-        self.keeper.add(ref, result.top1 if result is not None else None)
+            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"{source} EMA")
+        ckpt.save_checkpoint(ref, self.model, state, source=source)
         self.last_checkpoint = ref.weights
+
+    @contextlib.contextmanager
+    def _writing_checkpoints(self) -> Iterator[None]:
+        """A failed write (full disk, read-only folder) stops training with the system's reason."""
+        try:
+            yield
+        except OSError as exc:
+            error = storage_error(exc, self.cfg.ckpt_save_dir, "a checkpoint to")
+            kept = f"the last complete one, {self.last_checkpoint}," if self.last_checkpoint else "earlier checkpoints"
+            raise StorageError(f"{error}. Training stopped; {kept} and the files before it are intact") from None
 
 
 def train(cfg: Config) -> RunResult:

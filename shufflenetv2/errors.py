@@ -15,3 +15,7 @@ class DownloadError(ShuffleNetV2Error, OSError):
 
 class DataError(ShuffleNetV2Error):
     """A data directory, split or image that cannot be used."""
+
+
+class StorageError(ShuffleNetV2Error, OSError):
+    """A file the run must write cannot be written (read-only folder, full disk, no permission)."""

@@ -3,10 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import StorageError
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space there or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit or free space",
+    errno.EROFS: "the file system is mounted read-only: choose a writable folder",
+    errno.EACCES: "permission denied: fix the folder's permissions or choose another folder",
+    errno.EPERM: "permission denied: fix the folder's permissions or choose another folder",
+}
+
+
+def storage_error(exc: OSError, path: str | os.PathLike[str], what: str) -> StorageError:
+    """One sentence for a failed write: what could not be written, the system's reason, what to do."""
+    advice = _ADVICE.get(exc.errno or 0, "check the folder and the disk")
+    return StorageError(f"cannot write {what} {path}: {exc.strerror or exc} ({advice})")
+
+
+def check_writable(directory: str | os.PathLike[str], what: str) -> None:
+    """Fail now, not hours from now at the first checkpoint, when ``directory`` cannot take files."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / ".write-test") as tmp:
+            tmp.write_bytes(b"ok")
+        (directory / ".write-test").unlink()
+    except OSError as exc:
+        raise storage_error(exc, directory, what) from None
 
 
 @contextlib.contextmanager
@@ -37,3 +67,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def torch_bytes(obj: object) -> bytes:
+    """``torch.save`` into memory.  Writing the bytes with Python then fails with the system's OSError
+    (ENOSPC, EROFS...); torch's own file writer reports a full disk as an unexplained RuntimeError."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

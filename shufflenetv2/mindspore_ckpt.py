@@ -13,7 +13,9 @@ them into one message, so the file is simply a sequence of ``value`` fields.  Te
 everything before it.  Encrypted files start with a 32-bit magic number and are refused.
 
 The parser works on a memoryview of the file and checks every length against the bytes that remain,
-so a corrupt length field can never make it allocate more than the file holds.
+so a corrupt length field can never make it allocate more than the file holds.  Nor can a count: a
+tensor may have at most ``MAX_DIMS`` dimensions, and the slices of a tensor are joined as they are
+read, so the memory for a file grows with its bytes and its number of tensors, not its number of fields.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ CRC_TRAILER_LEN = len(CRC_MARKER) + 10
 ENCRYPTION_MAGICS = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-CBC"}
 # MindSpore splits tensors above 512 MiB into several values with the same tag
 SLICE_BYTES = 512 * 1024 * 1024
+# numpy 2's limit (numpy 1 allows 32; reshape reports those): more dims are refused while parsing,
+# before a corrupt file's packed dims field can grow a list of millions of them
+MAX_DIMS = 64
 
 DTYPES: dict[str, np.dtype] = {
     "Float16": np.dtype("<f2"),
@@ -119,19 +124,25 @@ def _text(raw: int | memoryview, reader: _Reader, what: str) -> str:
         raise reader.fail(f"{what} is not UTF-8") from None
 
 
-def _parse_tensor(buf: memoryview, where: str) -> tuple[list[int], str, memoryview]:
+def _parse_tensor(buf: memoryview, name: str, tag: str | None) -> tuple[list[int], str, memoryview]:
+    where = f"{name} [{tag or '?'}]"
     reader = _Reader(buf, where)
     dims: list[int] = []
     dtype: str | None = None
     content: memoryview | None = None
     while not reader.done():
         number, wire, value = reader.field()
-        if number == 1 and wire == 0:
-            dims.append(int(value))
-        elif number == 1 and wire == 2:  # packed repeated int64
-            packed = _Reader(value, where)
-            while not packed.done():
-                dims.append(packed.varint())
+        if number == 1:
+            if wire == 0:
+                dims.append(int(value))
+            elif wire == 2:  # packed repeated int64
+                packed = _Reader(value, where)
+                while not packed.done() and len(dims) <= MAX_DIMS:
+                    dims.append(packed.varint())
+            if len(dims) > MAX_DIMS:
+                raise CheckpointError(
+                    f"{name}: parameter {tag or '?'!r} has more than {MAX_DIMS} dimensions; the file is corrupt"
+                )
         elif number == 2:
             dtype = _text(value, reader, "tensor_type")
         elif number == 3:
@@ -163,7 +174,7 @@ def _values(buf: memoryview, name: str) -> Iterator[tuple[str, list[int], str, m
             elif f_number == 2:
                 if not isinstance(f_value, memoryview):
                     raise inner.fail("tensor is not length-delimited")
-                tensor = _parse_tensor(f_value, f"{name} [{tag or '?'}]")
+                tensor = _parse_tensor(f_value, name, tag)
             elif f_number == 3:
                 raise CheckpointError(
                     f"{name}: parameter {tag!r} is a MapTensor (embedding hash table); "
@@ -174,7 +185,7 @@ def _values(buf: memoryview, name: str) -> Iterator[tuple[str, list[int], str, m
         yield (tag, *tensor)
 
 
-def _decode(tag: str, dims: list[int], dtype: str, content: bytes, name: str) -> np.ndarray:
+def _decode(tag: str, dims: list[int], dtype: str, content: memoryview | bytearray, name: str) -> np.ndarray:
     if dtype == BFLOAT16:
         np_dtype = np.dtype("<u2")
     elif dtype in DTYPES:
@@ -244,22 +255,34 @@ def parse_ckpt(data: bytes, name: str = "checkpoint", verify_crc: bool = True) -
             )
     if len(view) == 0:
         raise CheckpointError(f"{name} is empty; it holds no parameters")
-    # group consecutive slices with the same tag, as MindSpore's loader does
-    groups: list[tuple[str, list[int], str, list[memoryview]]] = []
-    for tag, dims, dtype, content in _values(view, name):
-        if groups and groups[-1][0] == tag:
-            if groups[-1][2] != dtype:
-                raise CheckpointError(f"{name}: slices of {tag!r} disagree on dtype; the file is corrupt")
-            groups[-1][3].append(content)
-        else:
-            groups.append((tag, dims, dtype, [content]))
+    # join consecutive slices with the same tag, as MindSpore's loader does; each tensor is decoded as
+    # soon as the next tag starts, so no per-slice objects pile up however many slices a file has
     tensors: dict[str, np.ndarray] = {}
-    for tag, dims, dtype, contents in groups:
-        if tag in tensors:
-            raise CheckpointError(f"{name}: parameter {tag!r} appears twice; the file is corrupt")
-        joined = contents[0] if len(contents) == 1 else b"".join(contents)
-        tensors[tag] = _decode(tag, dims, dtype, joined, name)
+    group: tuple[str, list[int], str] | None = None
+    content: memoryview | bytearray = memoryview(b"")
+    for tag, dims, dtype, part in _values(view, name):
+        if group is not None and group[0] == tag:
+            if group[2] != dtype:
+                raise CheckpointError(f"{name}: slices of {tag!r} disagree on dtype; the file is corrupt")
+            if isinstance(content, memoryview):
+                content = bytearray(content)
+            content += part
+            continue
+        if group is not None:
+            _store(tensors, group, content, name)
+        group, content = (tag, dims, dtype), part
+    if group is not None:
+        _store(tensors, group, content, name)
     return tensors
+
+
+def _store(
+    tensors: dict[str, np.ndarray], group: tuple[str, list[int], str], content: memoryview | bytearray, name: str
+) -> None:
+    tag, dims, dtype = group
+    if tag in tensors:
+        raise CheckpointError(f"{name}: parameter {tag!r} appears twice; the file is corrupt")
+    tensors[tag] = _decode(tag, dims, dtype, content, name)
 
 
 def read_ckpt(path: str | os.PathLike[str], verify_crc: bool = True) -> dict[str, np.ndarray]:

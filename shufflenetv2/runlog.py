@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_path
+
 RESULT_COLUMNS = ("Epoch", "TrainLoss", "Top_1_Accuracy", "Top_5_Accuracy", "TrainTime", "EvalTime", "TotalTime")
 
 
@@ -22,49 +24,87 @@ def setup_logger(run_dir: Path, rank: int) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     run_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(run_dir / f"train_rank{rank}.log")
+    file_handler = _QuietFileHandler(run_dir / f"train_rank{rank}.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger.addHandler(file_handler)
-    if rank == 0:
+    if rank == 0:  # progress to stdout, warnings to stderr
         console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)
+        console.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems = logging.StreamHandler(sys.stderr)
+        problems.setLevel(logging.WARNING)
+        for handler in (console, problems):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
     return logger
 
 
-class RunRecord:
-    """Appends one row per epoch to result.log and metrics.jsonl (rank 0 only)."""
+class _QuietFileHandler(logging.FileHandler):
+    """When the log file cannot be written (a full disk), say so once instead of a traceback per line."""
 
-    def __init__(self, run_dir: Path, resume: bool) -> None:
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(
+                f"warning: cannot write {self.baseFilename} ({error}); messages go to the console only", file=sys.stderr
+            )
+
+
+class RunRecord:
+    """Appends one row per epoch to result.log and metrics.jsonl (rank 0 only).
+
+    A resumed run (``resume_after`` = the epochs its checkpoint had completed) keeps the rows up to
+    that epoch and drops later ones, which a crash may have written before its checkpoint; the
+    files are rewritten from metrics.jsonl, so a line cut short by a kill disappears too.
+    """
+
+    def __init__(self, run_dir: Path, resume_after: int | None) -> None:
         self.result_log = run_dir / "result.log"
         self.metrics = run_dir / "metrics.jsonl"
-        if not resume or not self.result_log.exists():
-            self.result_log.write_text("\t".join(RESULT_COLUMNS) + "\n")
-            self.metrics.write_text("")
+        rows = [r for r in read_metrics(self.metrics) if r["epoch"] <= resume_after] if resume_after else []
+        with atomic_path(self.metrics) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with atomic_path(self.result_log) as tmp:
+            tmp.write_text("".join(line + "\n" for line in ["\t".join(RESULT_COLUMNS), *map(_result_line, rows)]))
 
     def add(self, row: dict[str, Any]) -> None:
-        def fmt(value: Any, spec: str) -> str:
-            return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-        cells = [
-            str(row["epoch"]),
-            fmt(row["train_loss"], ".7f"),
-            fmt(row.get("top1"), ".4f"),
-            fmt(row.get("top5"), ".4f"),
-            fmt(row["train_time"], ".2f"),
-            fmt(row.get("eval_time", 0.0), ".2f"),
-            fmt(row["total_time"], ".2f"),
-        ]
         with open(self.result_log, "a") as f:
-            f.write("\t".join(cells) + "\n")
+            f.write(_result_line(row) + "\n")
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
+def _result_line(row: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    cells = [
+        str(row["epoch"]),
+        fmt(row["train_loss"], ".7f"),
+        fmt(row.get("top1"), ".4f"),
+        fmt(row.get("top5"), ".4f"),
+        fmt(row["train_time"], ".2f"),
+        fmt(row.get("eval_time", 0.0), ".2f"),
+        fmt(row["total_time"], ".2f"),
+    ]
+    return "\t".join(cells)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; a line cut short (a kill while appending) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: Path, out: Path) -> Path | None:
@@ -103,6 +143,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    with atomic_path(out) as tmp:  # a kill while drawing must not leave half a PNG
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from . import mindspore_ckpt
 from .errors import CheckpointError
-from .fileio import atomic_path
+from .fileio import atomic_path, torch_bytes
 from .layout import convert_layout
 from .model import WIDTHS, architecture, build_network
 
@@ -93,15 +92,23 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors,
+        # but the format was already recognised from the content
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {path}: it contains pickled Python objects other than tensors, and unpickling "
             f"them could run arbitrary code ({str(exc).splitlines()[0][:200]}). Re-save it as a plain state "
             "dict (torch.save(model.state_dict(), ...)) or as .safetensors from a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path} is not a readable torch file ({exc}); it may be truncated or corrupt") from None
+    except Exception as exc:
+        # a damaged file can make torch.load raise nearly anything: RuntimeError and BadZipFile from the
+        # zip container, and from the pickle stream struct.error, IndexError, KeyError, TypeError and
+        # AssertionError (all seen fuzzing truncated and bit-flipped files); none of them is a bug here
+        raise CheckpointError(
+            f"{path} is not a readable torch file ({type(exc).__name__}: {exc}); it may be truncated or corrupt"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if ema:
@@ -167,7 +174,9 @@ def infer_architecture(tensors: dict[str, torch.Tensor], layout: str) -> dict[st
     ``model`` is None when no width fits (the caller reports the mismatching tensors).
     """
     head, stem = HEAD[layout], STEM[layout]
-    num_classes = int(tensors[f"{head}.weight"].shape[0]) if f"{head}.weight" in tensors else None
+    head_weight = tensors.get(f"{head}.weight")
+    # a 0-dim head (a corrupt or foreign file) has no class count: load_weights reports its shape
+    num_classes = int(head_weight.shape[0]) if head_weight is not None and head_weight.ndim else None
     in_channels = int(tensors[stem].shape[1]) if stem in tensors and tensors[stem].ndim == 4 else None
     found = None
     for name in WIDTHS:
@@ -215,6 +224,29 @@ def _describe(arch: dict[str, object]) -> str:
     return f"{name} ({arch['layout']} layout, num_classes={arch['num_classes']}, in_channels={arch['in_channels']})"
 
 
+def _listed(problems: list[str]) -> str:
+    return "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+
+
+def _check_convertible_shapes(tensors: dict[str, torch.Tensor], name: str, weights: Weights, layout: str) -> None:
+    """Layout conversion permutes channels by index, so every tensor it permutes must have the shape it
+    has in ``name``; a wrong-shaped one is reported here, in the file's own names, instead of failing (or
+    being silently scrambled) inside the permutation."""
+    head, stem = HEAD[weights.layout], STEM[weights.layout]
+    with torch.device("meta"):
+        reference = build_network(name, 1, 1, weights.layout).state_dict()
+    problems = [
+        f"{key}: file has {tuple(value.shape)}, {name} expects {tuple(reference[key].shape)}"
+        for key, value in tensors.items()
+        if key in reference and not key.startswith((head, stem)) and value.shape != reference[key].shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{weights.source} holds {_describe(weights.arch)}, which cannot be converted to the {layout} layout "
+            f"of {name}: {len(problems)} mismatching tensors: {_listed(problems)}."
+        )
+
+
 def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = False) -> None:
     """Copy ``weights`` into ``model``, converting layouts where that is exact.
 
@@ -234,6 +266,7 @@ def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = Fal
     if weights.layout != layout:
         if weights.arch["model"] not in (None, name):
             raise CheckpointError(f"{weights.source} holds {_describe(weights.arch)}, not {name}")
+        _check_convertible_shapes(tensors, name, weights, layout)
         tensors = convert_layout(tensors, name, weights.layout, layout)
     head, stem = HEAD[layout], STEM[layout]
     expected = model.state_dict()
@@ -261,7 +294,6 @@ def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = Fal
             problems.append(f"{key}: file has {tuple(tensors[key].shape)}, model expects {tuple(value.shape)}")
     problems += [f"{key}: not a parameter of the model" for key in tensors if key not in expected]
     if problems:
-        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
         hint = ""
         if head_mismatch and len(problems) <= 2:
             hint = (
@@ -270,7 +302,7 @@ def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = Fal
             )
         raise CheckpointError(
             f"{weights.source} holds {_describe(weights.arch)}, which does not fit the model "
-            f"{_describe(target)}: {len(problems)} mismatching tensors: {shown}.{hint}"
+            f"{_describe(target)}: {len(problems)} mismatching tensors: {_listed(problems)}.{hint}"
         )
     with torch.no_grad():
         for key, value in tensors.items():
@@ -326,11 +358,11 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module, fmt: str | None
     arch = architecture(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         metadata = {"format": "shufflenetv2", "source": source, **{k: str(v) for k, v in arch.items()}}
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=metadata)
+        with atomic_path(path) as tmp:  # bytes written by Python, so a full disk is a plain OSError
+            tmp.write_bytes(save(state, metadata=metadata))
     elif fmt == "pth":
         default_pool = "same" if arch["layout"] == "mindcv" else "symmetric"
         if arch["stem_pool"] != default_pool:
@@ -340,7 +372,7 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module, fmt: str | None
                 "the logits. Save as .safetensors, which records it"
             )
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+            tmp.write_bytes(torch_bytes(state))
     else:
         arrays = _ms_state(_mindcv_native(state, arch))
         with atomic_path(path) as tmp:

@@ -45,14 +45,14 @@ def main(data_dir: str, out: str) -> None:
 
     shard = build_loader(cfg, dataset, train=True, rank=rank, world_size=world, seed=cfg.seed)
     shard.sampler.set_epoch(2)
-    images, labels = next(iter(shard))
+    images, labels, _ = next(iter(shard))
     net = DistributedDataParallel(convert_sync_batchnorm(model, torch.device("cpu")))
     F.cross_entropy(net(images.double()), labels).backward()
 
     if rank == 0:
         whole = build_loader(dataclasses.replace(cfg, batch_size=4 * world), dataset, train=True, seed=cfg.seed)
         whole.sampler.set_epoch(2)
-        all_images, all_labels = next(iter(whole))
+        all_images, all_labels, _ = next(iter(whole))
         F.cross_entropy(reference(all_images.double()), all_labels).backward()
         scale = max(float(p.grad.abs().max()) for p in reference.parameters())
         pairs = zip(model.parameters(), reference.parameters(), strict=True)

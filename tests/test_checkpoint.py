@@ -20,6 +20,7 @@ from shufflenetv2.checkpoint import (
     list_checkpoints,
     load_state,
     remove_checkpoint,
+    remove_partial_files,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -246,7 +247,7 @@ def test_top_k_keeps_the_best(tmp_path: Path) -> None:
         keeper.add(_fake(tmp_path, epoch), score)
     assert _epochs(tmp_path) == [4, 5, 6]  # 0.60, 0.55, 0.70
     index = json.loads((tmp_path / "checkpoints.json").read_text())
-    assert index == {f"{MODEL}-{e}_10": scores[e] for e in (4, 5, 6)}
+    assert index == {"scores": {f"{MODEL}-{e}_10": scores[e] for e in (4, 5, 6)}, "interim": []}
 
 
 def test_top_k_never_deletes_the_one_just_given(tmp_path: Path) -> None:
@@ -313,7 +314,7 @@ def test_index_survives_a_new_keeper(tmp_path: Path) -> None:
     assert second.scores == first.scores
     second.add(_fake(tmp_path, 3), 0.5)
     assert _epochs(tmp_path) == [2, 3]  # 0.1 dropped: without the index, 0.9 would have gone instead
-    assert set(json.loads((tmp_path / "checkpoints.json").read_text())) == {f"{MODEL}-2_10", f"{MODEL}-3_10"}
+    assert set(json.loads((tmp_path / "checkpoints.json").read_text())["scores"]) == {f"{MODEL}-2_10", f"{MODEL}-3_10"}
     assert _leftovers(tmp_path) == []
 
 
@@ -323,7 +324,67 @@ def test_unreadable_index_is_not_fatal(tmp_path: Path, text: str) -> None:
     keeper = CheckpointKeeper(tmp_path, MODEL, "top_k", keep=1)
     assert keeper.scores == {}
     keeper.add(_fake(tmp_path, 1), 0.5)
-    assert json.loads((tmp_path / "checkpoints.json").read_text()) == {f"{MODEL}-1_10": 0.5}
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["scores"] == {f"{MODEL}-1_10": 0.5}
+
+
+def test_first_index_format_is_still_read(tmp_path: Path) -> None:
+    """Run folders written before interim checkpoints existed hold only the scores."""
+    (tmp_path / "checkpoints.json").write_text(json.dumps({f"{MODEL}-1_10": 0.9, f"{MODEL}-2_10": 0.1}))
+    _fake(tmp_path, 1), _fake(tmp_path, 2)
+    keeper = CheckpointKeeper(tmp_path, MODEL, "top_k", keep=2)
+    keeper.add(_fake(tmp_path, 3), 0.5)
+    assert _epochs(tmp_path) == [1, 3]
+
+
+def _fake_interim(directory: Path, epoch: int, step: int) -> CheckpointRef:
+    ref = checkpoint_ref(directory, MODEL, epoch, step)
+    ref.weights.write_bytes(b"w")
+    ref.state.write_bytes(b"s")
+    return ref
+
+
+@pytest.mark.parametrize("policy", ["latest_k", "top_k", "none"])
+def test_interim_checkpoints_stand_outside_the_policy(tmp_path: Path, policy: str) -> None:
+    """Only the newest interim checkpoint is kept, it never pushes out an epoch checkpoint, and the
+    next epoch-end checkpoint removes it."""
+    keeper = CheckpointKeeper(tmp_path, MODEL, policy, keep=2)
+    keeper.add(_fake(tmp_path, 1), 0.5)
+    keeper.add(_fake(tmp_path, 2), 0.6)
+    keeper.add(_fake_interim(tmp_path, 3, 4), None, interim=True)
+    keeper.add(_fake_interim(tmp_path, 3, 8), None, interim=True)
+    on_disk = [(r.epoch, r.step) for r in list_checkpoints(tmp_path)]
+    assert on_disk == [(1, 10), (2, 10), (3, 8)]
+    reloaded = CheckpointKeeper(tmp_path, MODEL, policy, keep=2)  # the interim list survives a restart
+    reloaded.add(_fake(tmp_path, 3), 0.7)
+    expected = [(1, 10), (2, 10), (3, 10)] if policy == "none" else [(2, 10), (3, 10)]
+    assert [(r.epoch, r.step) for r in list_checkpoints(tmp_path)] == expected
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["interim"] == []
+
+
+def test_an_epoch_checkpoint_may_reuse_the_interim_name(tmp_path: Path) -> None:
+    """A stop after the last batch of an epoch saves under the epoch-end name; the epoch-end save that
+    follows on resume overwrites it and must not delete it as a stale interim checkpoint."""
+    keeper = CheckpointKeeper(tmp_path, MODEL, "latest_k", keep=2)
+    keeper.add(_fake_interim(tmp_path, 1, 10), None, interim=True)
+    keeper.add(_fake(tmp_path, 1), None)
+    assert [(r.epoch, r.step) for r in list_checkpoints(tmp_path)] == [(1, 10)]
+
+
+def test_remove_partial_files(tmp_path: Path) -> None:
+    complete = _fake(tmp_path, 1)
+    (tmp_path / f".{MODEL}-2_10.safetensors.abc123.tmp").write_bytes(b"half")
+    orphan_state = checkpoint_ref(tmp_path, MODEL, 2, 10).state  # killed between state and weights
+    orphan_state.write_bytes(b"s")
+    orphan_ema = checkpoint_ref(tmp_path, MODEL, 2, 10).ema
+    orphan_ema.write_bytes(b"e")
+    other_model = tmp_path / "resnet50-2_10.state.pt"
+    other_model.write_bytes(b"s")
+    removed = remove_partial_files(tmp_path, MODEL)
+    assert sorted(p.name for p in removed) == sorted(
+        [f".{MODEL}-2_10.safetensors.abc123.tmp", orphan_state.name, orphan_ema.name]
+    )
+    assert complete.weights.exists() and complete.state.exists() and other_model.exists()
+    assert remove_partial_files(tmp_path / "missing", MODEL) == []
 
 
 def test_policy_none_deletes_nothing(tmp_path: Path) -> None:

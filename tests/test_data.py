@@ -397,7 +397,8 @@ def test_loader_batches_and_drop_remainder(ten: Path) -> None:
     ds = build_dataset(cfg, "train", train=True)
     batches = list(build_loader(cfg, ds, train=True))
     assert len(batches) == 2
-    images, labels = batches[0]
+    images, labels, unreadable = batches[0]
+    assert unreadable == ()
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
     kept = list(build_loader(dataclasses.replace(cfg, drop_remainder=False), ds, train=True))
     assert [len(b[1]) for b in kept] == [4, 4, 2]
@@ -574,7 +575,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(ten: Path) -> None:
         loader = build_loader(dataclasses.replace(cfg, num_parallel_workers=workers), ds, train=True, seed=11)
         loader.sampler.set_epoch(epoch)
         torch.manual_seed(workers * 1000 + epoch)  # the global stream must not matter
-        return [images for images, _ in loader]
+        return [images for images, _, _ in loader]
 
     in_process = epoch_batches(0, 3)
     assert all(torch.equal(a, b) for a, b in zip(in_process, epoch_batches(2, 3), strict=True))
