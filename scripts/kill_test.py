@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if process.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed:\n{stderr}")
     reference_seconds = time.perf_counter() - start
-    # each restart should get a little further: kills land within 2.5/kills of the logged part of a run
-    window = args.window or 2.5 * (time.perf_counter() - logging_from) / max(args.kills, 1)
+    # each restart should get a little further: kills land within 1.5/kills of the logged part of a run
+    window = args.window or 1.5 * (time.perf_counter() - logging_from) / max(args.kills, 1)
     batches = sum(1 for _ in (data / "train").rglob("*.png")) // 8
     print(
         f"uninterrupted run: {args.epochs} epochs x {batches} steps in {reference_seconds:.1f} s; "
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--per-class", type=int, default=48, help="training images per class (3 classes)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers in the killed process")
     parser.add_argument("--window", type=float, help="kill within this many seconds of start (default: adaptive)")

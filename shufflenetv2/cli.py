@@ -198,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShuffleNetV2Error as exc:
         print(f"error: {_user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the save
-        print("\ninterrupted; nothing was saved after the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C in training (the user chose not to wait), or one elsewhere
+        print("\ninterrupted; nothing more was saved", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
 

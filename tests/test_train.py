@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 
 from shufflenetv2 import read_weights, save_weights
-from shufflenetv2.checkpoint import list_checkpoints
+from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.config import Config, ConfigError, from_dict
-from shufflenetv2.engine import Trainer, TrainingError, train, validate
+from shufflenetv2.engine import Precision, Trainer, TrainingError, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
@@ -270,3 +270,42 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Pa
     trainer.run()
     assert trainer.global_step == 4
     assert int(trainer.optimizer.state_dict()["state"][0]["momentum_buffer"].ne(0).any()) == 1
+
+
+def _scaled_trainer(cfg: Config, mode: str, scale: float, drop: bool) -> Trainer:
+    """A float32 run whose loss scale overflows the gradients: the loss-scaling code paths, on a CPU.
+
+    float16 autocast is refused on CPUs, but scaling, overflow detection and skipping do not depend on
+    the dtype: a scale of 3e38 overflows float32 gradients just as 65536 overflows float16 ones.
+    """
+    trainer = Trainer(cfg)
+    trainer.precision = Precision(None, mode, scale, drop)
+    if mode == "dynamic":
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    return trainer
+
+
+def test_overflowing_fixed_loss_scale_drops_the_update(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "drop", epoch_size=1, warmup_epochs=0, val_while_train=False)
+    trainer = _scaled_trainer(cfg, "fixed", 3e38, drop=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" not in k}
+    trainer.run()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # every update dropped
+    assert trainer.global_step == 6  # the steps still count, as in MindSpore
+    applied = _scaled_trainer(dataclasses.replace(cfg, ckpt_save_dir=str(tmp_path / "keep")), "fixed", 3e38, False)
+    with pytest.raises(TrainingError, match="NaN or infinite at step"):  # MindSpore's default applies it
+        applied.run()
+    assert list_checkpoints(tmp_path / "keep") == []
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps_and_recovers(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, epoch_size=2, warmup_epochs=0, decay_epochs=4, val_while_train=False)
+    trainer = _scaled_trainer(cfg, "dynamic", 2.0**124, drop=False)
+    initial = trainer.model.classifier.weight.detach().clone()
+    trainer.run()
+    assert trainer.scaler.get_scale() < 2.0**124  # halved on each overflow
+    weights = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not torch.equal(initial, weights["classifier.weight"])  # once the scale fits, steps are applied
+    assert load_state(list_checkpoints(tmp_path)[-1].state)["scaler"]["scale"] == trainer.scaler.get_scale()
