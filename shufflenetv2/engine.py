@@ -475,13 +475,6 @@ class Trainer:
                 images, target, bad_files = next(it)
             except StopIteration:
                 break
-            except Exception:
-                if self.stop.signal_name is None or ctx.distributed or batch_index % self.accum:
-                    raise
-                # a group-wide SIGTERM also stopped the loader workers: save the steps finished so far
-                self._check_health(first_bad, unreadable, epoch, batches)
-                self._save_interim(batch_index, loss_sum, unreadable)
-                self._interrupted(f"in epoch {epoch + 1} after batch {batch_index}/{batches}")
             data_wait += time.perf_counter() - wait_start
             if bad_files:
                 unreadable += len(bad_files)
