@@ -1,6 +1,7 @@
 """ShuffleNetV2 on PyTorch, numerically faithful to MindCV, with weights that move between MindCV,
 torchvision and safetensors."""
 
+from .deploy import export_onnx, export_program, fuse
 from .errors import CheckpointError, DownloadError, ShuffleNetV2Error
 from .factory import create_model
 from .layout import convert_layout
@@ -22,6 +23,9 @@ __all__ = [
     "convert_layout",
     "create_model",
     "detect_format",
+    "export_onnx",
+    "export_program",
+    "fuse",
     "load_weights",
     "read_weights",
     "save_weights",

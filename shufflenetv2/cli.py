@@ -120,6 +120,39 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     print(json.dumps({**summary, "ckpt_path": cfg.ckpt_path}))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .deploy import export_onnx, export_program, fuse
+
+    weights = read_weights(args.src)
+    name = args.model or weights.arch["model"]
+    if name is None:
+        raise ShuffleNetV2Error(f"{args.src}: its tensors fit no ShuffleNetV2 width; pass --model")
+    model = create_model(
+        str(name), weights.arch["num_classes"], weights.arch["in_channels"], checkpoint_path=args.src,
+        layout=weights.layout,
+    )  # fmt: skip
+    dst = Path(args.dst)
+    fused = fuse(model, channels_last=False)
+    if dst.suffix == ".onnx":
+        export_onnx(fused, dst, args.input_size, args.opset)
+    elif dst.suffix == ".pt2":
+        export_program(fused, dst, args.input_size)
+    else:
+        raise ShuffleNetV2Error(f"cannot export to {dst.name}: name it .onnx (ONNX) or .pt2 (torch.export program)")
+    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import benchmark, write_results
+
+    results = benchmark(
+        args.models, args.batches, args.backends, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+        iterations=args.iterations, image_size=args.input_size,
+    )  # fmt: skip
+    if args.json:
+        print(f"wrote {write_results(results, args.json)}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -160,6 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
     p.add_argument("--ema", action="store_true", help="convert the EMA copy of a training checkpoint")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="a fused inference model as ONNX (.onnx) or a torch.export program (.pt2)")
+    p.add_argument("src", help="weights: .safetensors, MindCV .ckpt or .pth")
+    p.add_argument("dst", help="output file, .onnx or .pt2")
+    p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
+    p.add_argument("--input-size", type=int, default=224, help="side of the example input used for tracing")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.set_defaults(func=_cmd_export)
+
+    from .bench import BACKENDS
+
+    p = sub.add_parser("bench", help="inference speed, ours against torchvision, printed and as JSON")
+    p.add_argument("--models", nargs="+", default=["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"], choices=list(WIDTHS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--backends", "--backend", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls after the first (setup) call")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median and spread are reported")
+    p.add_argument("--iterations", type=int, default=0, help="calls per round (0: rounds of about 1/3 s)")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="a self-contained tour: build, save as MindCV .ckpt, convert, reload, compare")
     p.add_argument("--out", default="runs/demo")

@@ -54,8 +54,7 @@ def setup(cfg: Config) -> Context:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            _init_process_group("nccl" if device.type == "cuda" else "gloo")
         global _host_group  # created here, collectively, in the same order on every rank
         _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     elif cfg.distribute and rank == 0:
@@ -65,6 +64,20 @@ def setup(cfg: Config) -> Context:
             file=sys.stderr,
         )
     return Context(rank, world_size, local_rank, device)
+
+
+def _init_process_group(backend: str) -> None:
+    """torchrun's env:// set-up, with every restart of an elastic job (``--max-restarts``) in its own
+    namespace of the store: restarted workers otherwise read their predecessors' gloo addresses from
+    the reused store and fail to connect (seen with torch 2.14)."""
+    timeout = datetime.timedelta(minutes=30)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    prefixed = dist.PrefixStore(f"shufflenetv2/attempt-{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def cleanup() -> None:

@@ -36,8 +36,10 @@ def _config(data: Path, out: Path, path: Path) -> Path:
 
 
 def _torchrun(config: Path, port: int, *extra: str) -> list[str]:
-    return [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(port), *extra, str(REPO / "train.py"),
-            "-c", str(config)]  # fmt: skip
+    """``port`` 0: ``--standalone``, torchrun's c10d rendezvous on a free port, which restarts need (with
+    ``--master_port`` a restarted worker can read its predecessors' addresses from the reused store)."""
+    where = ["--standalone"] if port == 0 else ["--master_port", str(port)]
+    return [str(TORCHRUN), "--nproc_per_node", "2", *where, *extra, str(REPO / "train.py"), "-c", str(config)]
 
 
 def _env() -> dict[str, str]:
@@ -84,13 +86,14 @@ def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(
     out = tmp_path / "run"
     config = _config(tiny_data, out, tmp_path / "run.yaml")
     process = subprocess.Popen(
-        _torchrun(config, 29562, "--max-restarts", "2", "--monitor-interval", "0.2"),
+        _torchrun(config, 0, "--max-restarts", "2", "--monitor-interval", "0.2"),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     _wait_for(out / "train_rank1.log", "Epoch: [2/3], batch: [5/6]", process)  # mid-epoch, after an interim save
     victim = _worker_pid(process.pid, rank=1)
     os.kill(victim, signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
+    (tmp_path / "torchrun.stderr").write_text(stderr)
     assert process.returncode == 0, stderr[-3000:]
     log = (out / "train_rank0.log").read_text()
     assert "resumed from" in log and "after epoch 2, batch 4" in log  # the interim checkpoint before the kill

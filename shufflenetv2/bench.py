@@ -1,0 +1,175 @@
+"""Side-by-side inference measurements: our model (eager, fused, compiled, ONNX Runtime) against
+torchvision's ``shufflenet_v2`` (eager, compiled, ONNX Runtime), same torch, threads and inputs.
+
+Each row is timed in ``repeats`` rounds of ``iterations`` calls after ``warmup`` calls; the figures
+are the median round and the spread (min..max) over rounds.  Compilation happens in the warm-up and
+its time is reported on its own.  Nothing here is a pass/fail test: ratios are only meaningful
+between rows measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .deploy import export_onnx, fuse
+from .model import build_network
+from .summary import summarize
+
+BACKENDS = (
+    "ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime",
+    "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    batch: int
+    backend: str
+    images_per_second: float  # median round
+    spread: tuple[float, float]  # slowest and fastest round, images/s
+    latency_ms: float  # median time per call
+    setup_seconds: float  # export or compilation, excluded from the figures
+
+
+def _time_rounds(run: Callable[[], object], batch: int, warmup: int, repeats: int, iterations: int) -> list[float]:
+    """Images/s of each round; ``iterations`` 0 sizes rounds to about a third of a second."""
+    for _ in range(warmup):
+        run()
+    if iterations <= 0:
+        start = time.perf_counter()
+        run()
+        iterations = max(1, round(0.33 / (time.perf_counter() - start)))
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            run()
+        rates.append(batch * iterations / (time.perf_counter() - start))
+    return rates
+
+
+def _torch_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        export_onnx(module, path, input_size=x.shape[-1])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": x.contiguous().numpy()}
+    return lambda: session.run(None, feed)
+
+
+def torchvision_model(name: str) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None).eval()  # the same names as ours
+
+
+def benchmark(
+    names: list[str],
+    batches: list[int],
+    backends: list[str],
+    threads: int = 2,
+    warmup: int = 5,
+    repeats: int = 7,
+    iterations: int = 0,
+    image_size: int = 224,
+) -> dict[str, object]:
+    """Every (model, batch, backend) row; backends are ``ours-eager``, ``ours-fused``, ``ours-fused-compiled``,
+    ``ours-onnxruntime``, ``torchvision-eager``, ``torchvision-compiled``, ``torchvision-onnxruntime``."""
+    torch.set_num_threads(threads)
+    rows: list[Row] = []
+    info: dict[str, object] = {}
+    for name in names:
+        ours = build_network(name).eval()
+        theirs = torchvision_model(name)
+        summary = summarize(ours, (image_size, image_size))
+        info[name] = {"params": summary.trainable_params, "macs": summary.macs}
+        for batch in batches:
+            x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            for backend in backends:
+                start = time.perf_counter()
+                run = _runner(backend, ours, theirs, x, threads)
+                run()  # the first call (compilation, session warm-up) is setup
+                setup = time.perf_counter() - start
+                rates = _time_rounds(run, batch, warmup, repeats, iterations)
+                median = statistics.median(rates)
+                rows.append(Row(name, batch, backend, median, (min(rates), max(rates)), 1000 * batch / median, setup))
+                print(_format_row(rows[-1]), flush=True)
+    return {
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "models": info,
+        "settings": {
+            "threads": threads,
+            "warmup": warmup,
+            "repeats": repeats,
+            "iterations": iterations,
+            "image_size": image_size,
+            "dtype": "float32",
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "logical_cpus": os.cpu_count(),
+        },
+    }
+
+
+def _runner(backend: str, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    if backend == "ours-eager":
+        return _torch_runner(ours, x)
+    if backend == "ours-fused":
+        return _torch_runner(fuse(ours), x.contiguous(memory_format=torch.channels_last))
+    if backend == "ours-fused-compiled":
+        return _torch_runner(fuse(ours, compile=True), x.contiguous(memory_format=torch.channels_last))
+    if backend == "ours-onnxruntime":
+        return _onnx_runner(fuse(ours, channels_last=False), x, threads)
+    if backend == "torchvision-eager":
+        return _torch_runner(theirs, x)
+    if backend == "torchvision-compiled":
+        return _torch_runner(torch.compile(theirs), x)
+    if backend == "torchvision-onnxruntime":
+        return _onnx_runner(theirs, x, threads)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _format_row(row: Row) -> str:
+    low, high = row.spread
+    return (
+        f"{row.model:20s} b{row.batch:<4d} {row.backend:26s} {row.images_per_second:9.1f} img/s "
+        f"({low:.1f}..{high:.1f})  {row.latency_ms:8.2f} ms/call  setup {row.setup_seconds:.1f} s"
+    )
+
+
+def write_results(results: dict[str, object], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path

@@ -1,0 +1,194 @@
+"""An inference-only ShuffleNetV2: BatchNorm folded into the convolutions, the channel shuffle folded
+into weights and slices, channels_last, optionally compiled; and ONNX export.
+
+``fuse(model)`` returns a module with the same inputs and outputs as ``model.eval()`` (logits equal
+to float32 rounding).  For MindCV's layout the even/odd split that opens each stride-1 block is a
+fixed permutation, so activations are kept "evens first" between blocks: the split becomes two
+contiguous halves (no gather), the permutation moves into the weights that read or write those
+channels, and each block ends with one concatenation of four slices.  torchvision's layout keeps its
+explicit shuffle (its interleaving does not settle into one fixed storage order), with BN folded.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import MindCVBlock, ShuffleNetV2
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` as one convolution with a bias (the BN running statistics, eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def fold_all_batchnorms(module: nn.Module) -> nn.Module:
+    """Every Conv2d directly followed by a BatchNorm2d inside an ``nn.Sequential`` becomes one conv."""
+    for child in module.children():
+        fold_all_batchnorms(child)
+    if isinstance(module, nn.Sequential):
+        layers = list(module)
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                module[i] = fold_batchnorm(layers[i], layers[i + 1])
+                module[i + 1] = nn.Identity()
+    return module
+
+
+def evens_first(channels: int) -> torch.Tensor:
+    """The storage order between fused blocks: position p holds logical channel ``order[p]``."""
+    return torch.cat((torch.arange(0, channels, 2), torch.arange(1, channels, 2)))
+
+
+def _convs(branch: nn.Sequential) -> list[nn.Conv2d]:
+    return [m for m in branch if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def _read_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
+    """Make ``conv`` read an input whose position p holds logical channel ``order[p]``."""
+    if conv.groups == 1:
+        conv.weight.copy_(conv.weight[:, order])
+    else:  # depthwise: channel p of the output is channel p of the input, so outputs move along
+        _write_in_order(conv, order)
+
+
+@torch.no_grad()
+def _write_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
+    """Make ``conv`` write logical output channel ``order[p]`` at position p."""
+    conv.weight.copy_(conv.weight[order])
+    if conv.bias is not None:
+        conv.bias.copy_(conv.bias[order])
+
+
+class FusedDownBlock(nn.Module):
+    """A stride-2 block reading any known storage order and writing "evens first"."""
+
+    def __init__(self, block: MindCVBlock, input_order: torch.Tensor) -> None:
+        super().__init__()
+        self.branch_proj, self.branch_main = block.branch_proj, block.branch_main
+        proj_dw, proj_pw = _convs(self.branch_proj)
+        main_pw1, _, main_pw2 = _convs(self.branch_main)
+        _read_in_order(proj_dw, input_order)
+        _read_in_order(proj_pw, input_order)  # its input is the depthwise output, in the same order
+        _read_in_order(main_pw1, input_order)
+        _write_in_order(proj_pw, evens_first(proj_pw.out_channels))
+        _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
+        self.proj_half, self.main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, m = self.branch_proj(x), self.branch_main(x)
+        p_even, p_odd = p[:, : self.proj_half], p[:, self.proj_half :]
+        m_even, m_odd = m[:, : self.main_half], m[:, self.main_half :]
+        return torch.cat((p_even, m_even, p_odd, m_odd), 1)
+
+
+class FusedBlock(nn.Module):
+    """A stride-1 block on "evens first" storage: the split is two halves, the output keeps the order."""
+
+    def __init__(self, block: MindCVBlock) -> None:
+        super().__init__()
+        self.branch_main = block.branch_main
+        main_pw2 = _convs(self.branch_main)[-1]
+        _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
+        self.half = main_pw2.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half, quarter = self.half, self.half // 2
+        proj, main = x[:, :half], self.branch_main(x[:, half:])  # logical evens, then logical odds
+        return torch.cat((proj[:, 0::2], main[:, :quarter], proj[:, 1::2], main[:, quarter:]), 1)
+
+
+class FusedShuffleNetV2(nn.Module):
+    """MindCV's network for inference: 0 BatchNorms, 0 gathers, one concatenation per block."""
+
+    def __init__(self, model: ShuffleNetV2) -> None:
+        super().__init__()
+        model = fold_all_batchnorms(copy.deepcopy(model).eval())
+        self.in_channels, self.num_classes = model.in_channels, model.num_classes
+        self.first_conv, self.max_pool = model.first_conv, model.max_pool
+        blocks: list[nn.Module] = []
+        order = torch.arange(model.first_conv[0].out_channels)  # the stem writes logical order
+        for block in model.features:
+            blocks.append(FusedDownBlock(block, order) if block.stride == 2 else FusedBlock(block))
+            order = evens_first(_block_out_channels(block))
+        self.features = nn.Sequential(*blocks)
+        self.conv_last = model.conv_last
+        _read_in_order(_convs(self.conv_last)[0], order)
+        self.classifier = model.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_last(self.features(self.max_pool(self.first_conv(x))))
+        return self.classifier(x.mean((2, 3)))
+
+
+def _block_out_channels(block: MindCVBlock) -> int:
+    main_out = _convs(block.branch_main)[-1].out_channels
+    return main_out + (_convs(block.branch_proj)[-1].out_channels if block.stride == 2 else main_out)
+
+
+def _even_branches(model: ShuffleNetV2) -> bool:
+    """The storage order needs even branch outputs (true for all four published widths)."""
+    branches = [b for block in model.features for b in (block.branch_main, block.branch_proj) if b is not None]
+    return all(_convs(branch)[-1].out_channels % 2 == 0 for branch in branches)
+
+
+def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
+    """An inference copy of ``model`` (which is left untouched): same inputs, same logits.
+
+    ``channels_last`` stores activations NHWC, which the CPU and GPU convolution kernels prefer;
+    ``compile`` wraps the result in ``torch.compile`` (its first call then takes seconds).
+    """
+    if isinstance(model, ShuffleNetV2) and _even_branches(model):
+        fused: nn.Module = FusedShuffleNetV2(model)
+    else:
+        fused = fold_all_batchnorms(copy.deepcopy(model).eval())
+    fused = fused.eval().requires_grad_(False)
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+    return torch.compile(fused) if compile else fused
+
+
+def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, getattr(model, "in_channels", 3), input_size, input_size)
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_size: int = 224, opset: int = 17) -> Path:
+    """``model`` (fused or not) as ONNX with a dynamic batch dimension; input ``images``, output ``logits``.
+
+    Uses torch's TorchScript-based exporter, which needs no extra package and exists in every torch
+    this project supports (the newer dynamo exporter needs onnxscript); its deprecation notice is muted.
+    """
+    path = Path(path)
+    model = model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (_example(model, input_size, 1),), str(path), opset_version=opset, input_names=["images"],
+            output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )  # fmt: skip
+    return path
+
+
+def export_program(model: nn.Module, path: str | Path, input_size: int = 224) -> Path:
+    """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
+    ``torch.export.load(path).module()`` and runs without this package."""
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path

@@ -1,0 +1,126 @@
+"""The deploy model: BatchNorm and the channel shuffle folded away, same logits; and its ONNX export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shufflenetv2 import create_model, save_weights
+from shufflenetv2.cli import main
+from shufflenetv2.deploy import FusedShuffleNetV2, export_onnx, fold_batchnorm, fuse
+from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
+
+from .conftest import randomize_bn, shared_file
+
+
+def _model(name: str, layout: str, seed: int = 0) -> nn.Module:
+    """Random weights with non-trivial BN statistics and logits of order 10, so errors cannot hide."""
+    torch.manual_seed(seed)
+    model = randomize_bn(build_network(name, 1000, 3, layout), seed)
+    head = model.classifier if layout == "mindcv" else model.fc
+    with torch.no_grad():
+        head.weight.normal_(0, 0.5)
+    return model
+
+
+def _inputs(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 224, 224, generator=g), torch.randn(1, 3, 97, 131, generator=g)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_fused_model_gives_the_same_logits(name: str, layout: str) -> None:
+    model = _model(name, layout)
+    fused = fuse(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    if layout == "mindcv":
+        assert isinstance(fused, FusedShuffleNetV2)
+    for x in _inputs():
+        with torch.no_grad():
+            expected, got = model(x), fused(x)
+        assert expected.abs().max() > 1.0
+        assert (expected - got).abs().max() < 1e-4
+        with torch.no_grad():  # a channels_last input gives the same
+            assert torch.allclose(fused(x.contiguous(memory_format=torch.channels_last)), got, atol=1e-5)
+
+
+def test_fuse_leaves_the_original_untouched() -> None:
+    model = _model("shufflenet_v2_x0_5", "mindcv").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse(model)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 56
+
+
+def test_fold_batchnorm_of_a_biased_conv() -> None:
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6)
+    randomize_bn(nn.Sequential(conv, bn))
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fold_batchnorm(conv, bn)(x), bn.eval()(conv(x)), atol=1e-5)
+
+
+def test_mindcv_release_weights_fused_reproduce_mindcvs_logits() -> None:
+    """MindCV's own checkpoint, fused: still MindCV's logits (the eval model is at 1.6e-5)."""
+    ckpt = shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.ckpt")
+    reference = np.load(shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.npz"))
+    fused = fuse(create_model("shufflenet_v2_x0_5", num_classes=10, checkpoint_path=ckpt))
+    for size in ("224", "odd"):
+        with torch.no_grad():
+            got = fused(torch.from_numpy(reference[f"x_{size}"]))
+        assert (got - torch.from_numpy(reference[f"logits_{size}"])).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(name: str, layout: str, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = _model(name, layout)
+    path = export_onnx(fuse(model, channels_last=False), tmp_path / "m.onnx")
+    graph = onnx.load(str(path))
+    assert graph.opset_import[0].version >= 17
+    assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):  # the batch dimension is dynamic
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        (got,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            expected = model(x)
+        assert got.shape == (batch, 1000)
+        assert np.abs(got - expected.numpy()).max() < 1e-4
+
+
+def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    src = save_weights(tmp_path / "w.safetensors", model)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+    assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
+    assert main(["export", str(src), str(tmp_path / "m.pt2")]) == 0
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    with torch.no_grad():
+        assert (program(x) - expected).abs().max() < 1e-4
+    assert main(["export", str(src), str(tmp_path / "m.tflite")]) == 2
+
+
+def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "shufflenet_v2_x0_5", "--batches", "1", "--backends", "ours-fused",
+            "torchvision-eager", "--warmup", "1", "--repeats", "2", "--iterations", "1", "--input-size", "64",
+            "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert [(r["backend"], r["batch"]) for r in results["rows"]] == [("ours-fused", 1), ("torchvision-eager", 1)]
+    assert all(r["images_per_second"] > 0 and r["spread"][0] <= r["images_per_second"] for r in results["rows"])
+    assert results["models"]["shufflenet_v2_x0_5"]["params"] == 1_365_792
