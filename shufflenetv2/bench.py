@@ -1,8 +1,9 @@
 """Side-by-side inference measurements: our model (eager, fused, compiled, ONNX Runtime) against
 torchvision's ``shufflenet_v2`` (eager, compiled, ONNX Runtime), same torch, threads and inputs.
 
-Each row is timed in ``repeats`` rounds of ``iterations`` calls after ``warmup`` calls; the figures
-are the median round and the spread (min..max) over rounds.  Compilation happens in the warm-up and
+Each row is timed in ``repeats`` rounds of ``iterations`` calls after ``warmup`` calls, the rows of one
+(model, batch) taking turns within each round; the figures are the median round and the spread
+(min..max) over rounds.  Compilation happens in the warm-up and
 its time is reported on its own.  Nothing here is a pass/fail test: ratios are only meaningful
 between rows measured in the same run.
 """
@@ -44,20 +45,27 @@ class Row:
     setup_seconds: float  # export or compilation, excluded from the figures
 
 
-def _time_rounds(run: Callable[[], object], batch: int, warmup: int, repeats: int, iterations: int) -> list[float]:
-    """Images/s of each round; ``iterations`` 0 sizes rounds to about a third of a second."""
+def _calibrate(run: Callable[[], object], warmup: int, iterations: int) -> int:
+    """Warm ``run`` up; the calls per round (``iterations``, or rounds of about a third of a second)."""
     for _ in range(warmup):
         run()
-    if iterations <= 0:
-        start = time.perf_counter()
-        run()
-        iterations = max(1, round(0.33 / (time.perf_counter() - start)))
-    rates = []
+    if iterations > 0:
+        return iterations
+    start = time.perf_counter()
+    run()
+    return max(1, round(0.33 / (time.perf_counter() - start)))
+
+
+def _interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int, repeats: int) -> list[list[float]]:
+    """Images/s per round for each runner, the runners taking turns within every round, so that a slow
+    spell of a shared machine falls on all of them rather than on whichever row was being timed."""
+    rates: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iterations):
-            run()
-        rates.append(batch * iterations / (time.perf_counter() - start))
+        for index, (run, iterations) in enumerate(runs):
+            start = time.perf_counter()
+            for _ in range(iterations):
+                run()
+            rates[index].append(batch * iterations / (time.perf_counter() - start))
     return rates
 
 
@@ -112,12 +120,14 @@ def benchmark(
         info[name] = {"params": summary.trainable_params, "macs": summary.macs}
         for batch in batches:
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            runs, setups = [], []
             for backend in backends:
                 start = time.perf_counter()
                 run = _runner(backend, ours, theirs, x, threads)
                 run()  # the first call (compilation, session warm-up) is setup
-                setup = time.perf_counter() - start
-                rates = _time_rounds(run, batch, warmup, repeats, iterations)
+                setups.append(time.perf_counter() - start)
+                runs.append((run, _calibrate(run, warmup, iterations)))
+            for backend, setup, rates in zip(backends, setups, _interleaved_rounds(runs, batch, repeats), strict=True):
                 median = statistics.median(rates)
                 rows.append(Row(name, batch, backend, median, (min(rates), max(rates)), 1000 * batch / median, setup))
                 print(_format_row(rows[-1]), flush=True)
