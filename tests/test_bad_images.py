@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,13 +104,35 @@ def test_dangling_symlink_and_symlink_loop_are_unreadable(tmp_path: Path) -> Non
         assert str(tmp_path / name) in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_file_without_read_permission(tmp_path: Path) -> None:
-    path = tmp_path / "locked.jpg"
-    path.write_bytes(_jpeg())
-    path.chmod(0)
-    with pytest.raises(DataError, match="Permission denied"):
-        load_image(path)
+def test_file_without_read_permission() -> None:
+    """Root reads any file, so as root the read runs in a child process that drops to user nobody."""
+    folder = Path(tempfile.mkdtemp(prefix="locked-"))  # not under pytest's private tmp: nobody must enter it
+    try:
+        folder.chmod(0o755)
+        path = folder / "locked.jpg"
+        path.write_bytes(_jpeg())
+        path.chmod(0)
+        if os.geteuid() != 0:
+            with pytest.raises(DataError, match="Permission denied") as info:
+                load_image(path)
+            message = str(info.value)
+        else:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
+            code = (
+                "import sys\nfrom shufflenetv2.data import load_image\nfrom shufflenetv2.errors import DataError\n"
+                f"try:\n    load_image({str(path)!r})\nexcept DataError as e:\n    print(e)\n    sys.exit(3)\n"
+            )
+            done = subprocess.run(
+                [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )  # fmt: skip
+            assert done.returncode == 3, done.stdout + done.stderr
+            message = done.stdout
+        assert "Permission denied" in message and str(path) in message
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_folder_symlink_loop_is_indexed_once(tmp_path: Path) -> None:
