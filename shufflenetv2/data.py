@@ -333,8 +333,9 @@ def _index_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 def describe_class_difference(train: Sequence[str], val: Sequence[str]) -> str:
     """Which class names only one split has, for an error message."""
-    only_train = [c for c in train if c not in set(val)]
-    only_val = [c for c in val if c not in set(train)]
+    train_names, val_names = set(train), set(val)
+    only_train = [c for c in train if c not in val_names]
+    only_val = [c for c in val if c not in train_names]
     parts = [f"only in training: {_preview(only_train)}"] if only_train else []
     parts += [f"only in validation: {_preview(only_val)}"] if only_val else []
     return "; ".join(parts) or "the same names in a different order"
@@ -721,14 +722,19 @@ class LoadedBatch(NamedTuple):
     unreadable: tuple[str, ...]
 
 
+def _partition(items: list[Any]) -> tuple[list[Any], tuple[str, ...]]:
+    """The readable samples, and the reasons of the unreadable ones."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    return good, tuple(item.reason for item in items if isinstance(item, Unreadable))
+
+
 def collate_train(items: list[Any]) -> LoadedBatch:
     """Unreadable samples are replaced by copies of readable ones from the same batch.
 
     The batch keeps its size, so BatchNorm statistics, compiled graphs and DDP's equal shards are
     unaffected; the loop counts the replacements and stops when there are too many.
     """
-    good = [item for item in items if not isinstance(item, Unreadable)]
-    bad = tuple(item.reason for item in items if isinstance(item, Unreadable))
+    good, bad = _partition(items)
     if not bad:
         return LoadedBatch(*default_collate(items), ())
     if not good:
@@ -743,8 +749,7 @@ def collate_train(items: list[Any]) -> LoadedBatch:
 
 def collate_eval(items: list[Any]) -> LoadedBatch:
     """Unreadable samples are left out (never duplicated: metrics count real images only)."""
-    good = [item for item in items if not isinstance(item, Unreadable)]
-    bad = tuple(item.reason for item in items if isinstance(item, Unreadable))
+    good, bad = _partition(items)
     if not good:
         return LoadedBatch(None, None, bad)
     return LoadedBatch(*default_collate(good), bad)

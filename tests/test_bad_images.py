@@ -260,3 +260,13 @@ def test_train_cli_with_workers_stops_with_one_paragraph(
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "max_bad_fraction 0.01" in errors[0] and "cannot decode image" in errors[0]
     assert "Traceback" not in run.stderr
+
+
+def test_validation_classes_must_match_training_classes(tmp_path: Path) -> None:
+    for split, classes in (("train", ("ants", "bees")), ("val", ("ants", "wasps"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.jpg").write_bytes(_jpeg())
+    cfg = _config(tmp_path, tmp_path / "run")
+    with pytest.raises(DataError, match="only in training: bees; only in validation: wasps"):
+        train(cfg)
