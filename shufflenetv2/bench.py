@@ -10,6 +10,7 @@ between rows measured in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -56,7 +57,7 @@ def _calibrate(run: Callable[[], object], warmup: int, iterations: int) -> int:
     return max(1, round(0.33 / (time.perf_counter() - start)))
 
 
-def _interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int, repeats: int) -> list[list[float]]:
+def interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int, repeats: int) -> list[list[float]]:
     """Images/s per round for each runner, the runners taking turns within every round, so that a slow
     spell of a shared machine falls on all of them rather than on whichever row was being timed."""
     rates: list[list[float]] = [[] for _ in runs]
@@ -69,10 +70,22 @@ def _interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int
     return rates
 
 
-def _torch_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that a timed call includes its kernels (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _torch_runner(module: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> Callable[[], object]:
     def run() -> object:
-        with torch.inference_mode():
-            return module(x)
+        with torch.inference_mode(), autocast(x.device, amp):
+            out = module(x)
+        synchronize(x.device)
+        return out
 
     return run
 
@@ -92,10 +105,10 @@ def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[
     return lambda: session.run(None, feed)
 
 
-def torchvision_model(name: str) -> nn.Module:
+def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
     import torchvision
 
-    return getattr(torchvision.models, name)(weights=None).eval()  # the same names as ours
+    return getattr(torchvision.models, name)(weights=None, num_classes=num_classes).eval()  # our names
 
 
 def benchmark(
@@ -107,10 +120,16 @@ def benchmark(
     repeats: int = 7,
     iterations: int = 0,
     image_size: int = 224,
+    device: str = "cpu",
+    amp: torch.dtype | None = None,
 ) -> dict[str, object]:
     """Every (model, batch, backend) row; backends are ``ours-eager``, ``ours-fused``, ``ours-fused-compiled``,
-    ``ours-onnxruntime``, ``torchvision-eager``, ``torchvision-compiled``, ``torchvision-onnxruntime``."""
+    ``ours-onnxruntime``, ``torchvision-eager``, ``torchvision-compiled``, ``torchvision-onnxruntime``.
+    ``amp`` runs the torch rows under autocast (bfloat16 on a GPU, say); ONNX Runtime rows are CPU-only."""
     torch.set_num_threads(threads)
+    target = torch.device(device)
+    if target.type != "cpu" and any(b.endswith("onnxruntime") for b in backends):
+        raise ValueError("the onnxruntime rows run on the CPU only; leave them out with --backends on a GPU")
     rows: list[Row] = []
     info: dict[str, object] = {}
     for name in names:
@@ -118,16 +137,17 @@ def benchmark(
         theirs = torchvision_model(name)
         summary = summarize(ours, (image_size, image_size))
         info[name] = {"params": summary.trainable_params, "macs": summary.macs}
+        ours, theirs = ours.to(target), theirs.to(target)
         for batch in batches:
-            x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(target)
             runs, setups = [], []
             for backend in backends:
                 start = time.perf_counter()
-                run = _runner(backend, ours, theirs, x, threads)
+                run = _runner(backend, ours, theirs, x, threads, amp)
                 run()  # the first call (compilation, session warm-up) is setup
                 setups.append(time.perf_counter() - start)
                 runs.append((run, _calibrate(run, warmup, iterations)))
-            for backend, setup, rates in zip(backends, setups, _interleaved_rounds(runs, batch, repeats), strict=True):
+            for backend, setup, rates in zip(backends, setups, interleaved_rounds(runs, batch, repeats), strict=True):
                 median = statistics.median(rates)
                 rows.append(Row(name, batch, backend, median, (min(rates), max(rates)), 1000 * batch / median, setup))
                 print(_format_row(rows[-1]), flush=True)
@@ -140,7 +160,8 @@ def benchmark(
             "repeats": repeats,
             "iterations": iterations,
             "image_size": image_size,
-            "dtype": "float32",
+            "dtype": "float32" if amp is None else f"autocast {str(amp).replace('torch.', '')}",
+            "device": device,
         },
         "machine": {
             "platform": platform.platform(),
@@ -148,23 +169,27 @@ def benchmark(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "logical_cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
     }
 
 
-def _runner(backend: str, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+def _runner(
+    backend: str, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, threads: int, amp: torch.dtype | None = None
+) -> Callable[[], object]:
+    nhwc = x.contiguous(memory_format=torch.channels_last)
     if backend == "ours-eager":
-        return _torch_runner(ours, x)
+        return _torch_runner(ours, x, amp)
     if backend == "ours-fused":
-        return _torch_runner(fuse(ours), x.contiguous(memory_format=torch.channels_last))
+        return _torch_runner(fuse(ours), nhwc, amp)
     if backend == "ours-fused-compiled":
-        return _torch_runner(fuse(ours, compile=True), x.contiguous(memory_format=torch.channels_last))
+        return _torch_runner(fuse(ours, compile=True), nhwc, amp)
     if backend == "ours-onnxruntime":
         return _onnx_runner(fuse(ours, channels_last=False), x, threads)
     if backend == "torchvision-eager":
-        return _torch_runner(theirs, x)
+        return _torch_runner(theirs, x, amp)
     if backend == "torchvision-compiled":
-        return _torch_runner(torch.compile(theirs), x)
+        return _torch_runner(torch.compile(theirs), x, amp)
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads)
     raise ValueError(f"unknown backend {backend!r}")

@@ -143,12 +143,33 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from .bench import benchmark, write_results
 
-    results = benchmark(
-        args.models, args.batches, args.backends, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-        iterations=args.iterations, image_size=args.input_size,
-    )  # fmt: skip
+    results: dict[str, object] = {}
+    amp = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp]
+    if "inference" in args.suites:
+        results = benchmark(
+            args.models, args.batches, args.backends, threads=args.threads, warmup=args.warmup,
+            repeats=args.repeats, iterations=args.iterations, image_size=args.input_size, device=args.device, amp=amp,
+        )  # fmt: skip
+    if "train" in args.suites:
+        from .bench_train import benchmark_training
+
+        rows = benchmark_training(
+            args.train_models, args.train_batches, args.train_backends, threads=args.threads,
+            repeats=args.repeats, steps=args.iterations, image_size=args.input_size, device=args.device, amp=amp,
+        )  # fmt: skip
+        results["train_rows"] = [dataclasses.asdict(r) for r in rows]
+    if "data" in args.suites:
+        from .bench_data import benchmark_pipelines
+
+        if not args.data:
+            raise ShuffleNetV2Error("bench --suites data needs --data DIR: a folder with train/ and val/ class folders")
+        root = Path(args.data)
+        rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
+        results["data_rows"] = [dataclasses.asdict(r) for r in rows]
     if args.json:
         print(f"wrote {write_results(results, args.json)}")
 
@@ -203,16 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     from .bench import BACKENDS
+    from .bench_data import DATA_BACKENDS
+    from .bench_train import TRAIN_BACKENDS
 
-    p = sub.add_parser("bench", help="inference speed, ours against torchvision, printed and as JSON")
+    p = sub.add_parser("bench", help="inference, training-step and data-pipeline speed, ours beside torchvision")
+    p.add_argument("--suites", nargs="+", default=["inference"], choices=["inference", "train", "data"])
     p.add_argument("--models", nargs="+", default=["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"], choices=list(WIDTHS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--backends", "--backend", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-models", nargs="+", default=["shufflenet_v2_x0_5"], choices=list(WIDTHS))
+    p.add_argument("--train-batches", nargs="+", type=int, default=[32])
+    p.add_argument("--train-backends", nargs="+", default=list(TRAIN_BACKENDS), choices=list(TRAIN_BACKENDS))
+    p.add_argument("--data", help="for --suites data: a folder with train/ and val/ class folders of images")
+    p.add_argument("--data-backends", nargs="+", default=list(DATA_BACKENDS), choices=list(DATA_BACKENDS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the data suite uses one: per core)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls after the first (setup) call")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median and spread are reported")
-    p.add_argument("--iterations", type=int, default=0, help="calls per round (0: rounds of about 1/3 s)")
+    p.add_argument("--iterations", type=int, default=0, help="calls per round (0: rounds of about 1/3 s, 1 s train)")
     p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the inference and train suites")
+    p.add_argument("--amp", default="none", choices=["none", "bfloat16", "float16"], help="autocast dtype")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=_cmd_bench)
 

@@ -60,6 +60,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "weight_decay_filter": ("disable", "auto", "norm_and_bias"),
     "loss_scale_type": ("fixed", "dynamic", "auto"),
     "device": ("auto", "cpu", "cuda"),
+    "data_pipeline": ("auto", "fast", "classic"),
 }
 
 
@@ -101,6 +102,9 @@ class Config:
     color_jitter: float | None = 0.4
     interpolation: str = "bilinear"
     auto_augment: str | None = None
+    decode_on_device: bool = False  # ours: the fast pipeline decodes JPEGs on the training device (nvJPEG on a GPU)
+    data_pipeline: str = "auto"  # ours: fast = uint8 workers + batch jitter/normalise (pipeline.py); auto = fast
+    # unless auto_augment is set; classic = every transform per image in the workers (data.build_transform)
     re_prob: float = 0.0
     re_scale: tuple[float, float] = (0.02, 0.33)
     re_ratio: tuple[float, float] = (0.3, 3.3)
@@ -131,7 +135,7 @@ class Config:
     amp_dtype: str = "auto"  # ours: auto = bfloat16 where supported, else float16
     ema: bool = False
     ema_decay: float = 0.9999
-    channels_last: bool = False  # ours
+    channels_last: bool = True  # ours: NHWC activations; faster training on CPUs and on GPUs (benchmarks/)
     # loss
     loss: str = "CE"
     label_smoothing: float = 0.0
@@ -406,6 +410,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"crop_pct must lie in (0, 1], got {cfg.crop_pct}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must lie in (0, 1), got {cfg.ema_decay}")
+    if cfg.data_pipeline == "fast" and cfg.auto_augment:
+        raise ConfigError(
+            f"data_pipeline fast cannot apply auto_augment {cfg.auto_augment!r} (its policies are per-image float "
+            "operations); set data_pipeline auto or classic"
+        )
+    if cfg.decode_on_device and (cfg.data_pipeline == "classic" or cfg.auto_augment):
+        raise ConfigError(
+            "decode_on_device True belongs to the fast data pipeline, which data_pipeline classic or an auto_augment "
+            "policy turns off; set decode_on_device False, or data_pipeline auto without auto_augment"
+        )
     if cfg.ckpt_save_policy == "top_k" and not cfg.val_while_train:
         raise ConfigError(
             "ckpt_save_policy top_k keeps the checkpoints with the best validation accuracy, so it needs "

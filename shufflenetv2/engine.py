@@ -28,6 +28,7 @@ from . import data as data_mod
 from . import distributed as dist
 from . import optim
 from .config import Config, ConfigError, to_yaml
+from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
 from .factory import create_model
 from .fileio import atomic_path, check_writable, storage_error
@@ -142,19 +143,31 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, precision: Precision | None = None
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    precision: Precision | None = None,
+    inputs: DeviceInput | None = None,
 ) -> EvalResult:
-    """Top-1, top-5 and mean cross-entropy over every sample of ``loader`` summed over all ranks."""
+    """Top-1, top-5 and mean cross-entropy over every sample of ``loader`` summed over all ranks.
+
+    ``inputs`` turns a loader batch into the model's input on ``device`` (see ``device_input``); without
+    it batches are the per-image pipeline's float tensors and are only moved.
+    """
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, loss sum, count, unreadable
     autocast = precision.autocast(device) if precision else contextlib.nullcontext()
     unreadable: list[str] = []
-    for images, target, bad in loader:
+    for batch in loader:
+        if inputs is not None:
+            images, target, bad = inputs(batch)
+        else:
+            images, target, bad = batch.images, batch.targets, batch.unreadable
+            images = None if images is None else images.to(device, non_blocking=True)
+            target = None if target is None else target.to(device, non_blocking=True)
         unreadable += bad
         if images is None:
             continue
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
         logits = logits.float()
@@ -218,6 +231,8 @@ class Trainer:
             cfg, self.train_set, train=True, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=cfg.seed
         )
         self.val_loader = eval_loader(cfg, self.val_set, self.ctx) if self.val_set is not None else None
+        self.train_inputs = DeviceInput(cfg, train=True, device=self.ctx.device)
+        self.eval_inputs = DeviceInput(cfg, train=False, device=self.ctx.device)
         self.batches_per_epoch = len(self.train_loader)
         if self.batches_per_epoch == 0:
             raise ConfigError(
@@ -401,7 +416,7 @@ class Trainer:
         evaluation, eval_time = None, 0.0
         if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
             eval_start = time.perf_counter()
-            evaluation = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision)
+            evaluation = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision, self.eval_inputs)
             eval_time = time.perf_counter() - eval_start
             if cfg.mode == 0 and epoch == self.first_epoch:
                 log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
@@ -472,17 +487,14 @@ class Trainer:
         for batch_index in range(start, batches):
             wait_start = time.perf_counter()
             try:
-                images, target, bad_files = next(it)
+                loaded = next(it)
             except StopIteration:
                 break
             data_wait += time.perf_counter() - wait_start
+            images, target, bad_files = self.train_inputs(loaded)
             if bad_files:
                 unreadable += len(bad_files)
                 self._warn_unreadable(bad_files)
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             if use_mixup:
                 images, target = self.mixup(images, target)
             boundary = (batch_index + 1) % self.accum == 0
@@ -678,8 +690,11 @@ def validate(cfg: Config) -> EvalResult:
             pretrained=cfg.pretrained and not cfg.ckpt_path,
             checkpoint_path=cfg.ckpt_path or None,
         ).to(ctx.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         net = torch.compile(model) if cfg.mode == 0 else model
         precision = Precision.from_config(cfg, ctx.device)
-        return evaluate(net, eval_loader(cfg, dataset, ctx), ctx.device, precision)
+        inputs = DeviceInput(cfg, train=False, device=ctx.device)
+        return evaluate(net, eval_loader(cfg, dataset, ctx), ctx.device, precision, inputs)
     finally:
         dist.cleanup()

@@ -101,6 +101,32 @@ class StemPool(nn.Module):
         return f"padding={self.padding!r}"
 
 
+class EvenOddSplit(torch.autograd.Function):
+    """``x[:, 0::2], x[:, 1::2]`` (MindCV's channel split) with a backward that keeps ``x``'s memory format.
+
+    Autograd's own backward of two slices fills a zero tensor of ``x``'s size per slice, in NCHW, and
+    adds them; under channels_last the NCHW gradient then meets NHWC activations in every ReLU and
+    BatchNorm backward, which run several times slower on such mixed layouts (measured on CPU).  Here
+    the two gradients are written once into one tensor laid out like ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return x[:, 0::2], x[:, 1::2]
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_evens: torch.Tensor | None, grad_odds: torch.Tensor | None
+    ) -> torch.Tensor:
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=layout)
+        grad[:, 0::2] = 0 if grad_evens is None else grad_evens
+        grad[:, 1::2] = 0 if grad_odds is None else grad_odds
+        return grad
+
+
 class MindCVBlock(nn.Module):
     """MindCV's ShuffleV2Block.  ``in_channels`` is the whole input for stride 2, half of it for stride 1."""
 
@@ -113,7 +139,8 @@ class MindCVBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.branch_proj is None:
-            return torch.cat((x[:, 0::2], self.branch_main(x[:, 1::2])), 1)
+            evens, odds = EvenOddSplit.apply(x)
+            return torch.cat((evens, self.branch_main(odds)), 1)
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
 

@@ -20,9 +20,10 @@ from shufflenetv2 import create_model
 from shufflenetv2.config import from_dict
 from shufflenetv2.data import build_dataset, build_loader
 from shufflenetv2.distributed import convert_sync_batchnorm
+from shufflenetv2.pipeline import build_batch_transform
 
 
-def main(data_dir: str, out: str) -> None:
+def main(data_dir: str, out: str, layout: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = from_dict(
@@ -42,17 +43,24 @@ def main(data_dir: str, out: str) -> None:
     torch.manual_seed(0)
     reference = create_model("shufflenet_v2_x0_5", num_classes=3).double()
     model = copy.deepcopy(reference)
+    if layout == "channels_last":  # the training default: NHWC activations, EvenOddSplit keeping the layout
+        model = model.to(memory_format=torch.channels_last)
 
     shard = build_loader(cfg, dataset, train=True, rank=rank, world_size=world, seed=cfg.seed)
     shard.sampler.set_epoch(2)
-    images, labels, _ = next(iter(shard))
+    prepare = build_batch_transform(cfg, train=True)  # the fast pipeline's batch half (uint8 -> float)
+    images, labels, _, params = next(iter(shard))
+    images = prepare(images, params)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
     net = DistributedDataParallel(convert_sync_batchnorm(model, torch.device("cpu")))
     F.cross_entropy(net(images.double()), labels).backward()
 
     if rank == 0:
         whole = build_loader(dataclasses.replace(cfg, batch_size=4 * world), dataset, train=True, seed=cfg.seed)
         whole.sampler.set_epoch(2)
-        all_images, all_labels, _ = next(iter(whole))
+        all_images, all_labels, _, all_params = next(iter(whole))
+        all_images = prepare(all_images, all_params)
         F.cross_entropy(reference(all_images.double()), all_labels).backward()
         scale = max(float(p.grad.abs().max()) for p in reference.parameters())
         pairs = zip(model.parameters(), reference.parameters(), strict=True)
@@ -63,4 +71,4 @@ def main(data_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "contiguous")

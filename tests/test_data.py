@@ -37,7 +37,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 
 
 def cfg_for(**values) -> Config:
+    """These tests are about the per-image pipeline; tests/test_pipeline.py covers the fast one."""
     base = {"dataset": "imagefolder", "image_resize": 24, "num_parallel_workers": 0, "batch_size": 4}
+    base["data_pipeline"] = "classic"
     return dataclasses.replace(Config(), **{**base, **values})
 
 
@@ -397,8 +399,8 @@ def test_loader_batches_and_drop_remainder(ten: Path) -> None:
     ds = build_dataset(cfg, "train", train=True)
     batches = list(build_loader(cfg, ds, train=True))
     assert len(batches) == 2
-    images, labels, unreadable = batches[0]
-    assert unreadable == ()
+    images, labels, unreadable, params = batches[0]
+    assert unreadable == () and params is None
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
     kept = list(build_loader(dataclasses.replace(cfg, drop_remainder=False), ds, train=True))
     assert [len(b[1]) for b in kept] == [4, 4, 2]
@@ -566,16 +568,19 @@ def test_mnist_served_as_rgb_tensors(tmp_path: Path) -> None:
     assert all(torch.allclose(pixels[c], gray, atol=1e-3) for c in range(3))
 
 
-def test_augmentation_is_a_function_of_seed_epoch_and_index(ten: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["classic", "fast"])
+def test_augmentation_is_a_function_of_seed_epoch_and_index(ten: Path, pipeline: str) -> None:
     """The same (seed, epoch) gives the same augmented batches whatever the worker count or RNG state."""
-    cfg = cfg_for(data_dir=str(ten), image_resize=16, batch_size=5, num_parallel_workers=0)
+    cfg = cfg_for(data_dir=str(ten), image_resize=16, batch_size=5, num_parallel_workers=0, data_pipeline=pipeline)
     ds = build_dataset(cfg, "train", train=True)
 
     def epoch_batches(workers: int, epoch: int) -> list[torch.Tensor]:
         loader = build_loader(dataclasses.replace(cfg, num_parallel_workers=workers), ds, train=True, seed=11)
         loader.sampler.set_epoch(epoch)
         torch.manual_seed(workers * 1000 + epoch)  # the global stream must not matter
-        return [images for images, _, _ in loader]
+        # the fast pipeline's batches are uint8 images plus the jitter parameters, both seeded per sample
+        return [images if params is None else torch.cat((images.flatten(1).float(), params), 1)
+                for images, _, _, params in loader]  # fmt: skip
 
     in_process = epoch_batches(0, 3)
     assert all(torch.equal(a, b) for a, b in zip(in_process, epoch_batches(2, 3), strict=True))

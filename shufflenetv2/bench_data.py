@@ -1,0 +1,115 @@
+"""Input-pipeline speed per CPU core on real image files: ours against torchvision's classic pipeline.
+
+Each pipeline runs in this process on one thread, so its img/s is per core and counts all the CPU work
+an image costs: reading and decoding the file, the per-image transforms, collating batches and, for
+the fast pipeline, the batch-level jitter/normalisation (``pipeline.BatchTransform`` on the CPU; on a
+GPU that part leaves the CPU).  A DataLoader with N workers scales these figures by about N.
+
+Rows (train: RandomResizedCrop(224) + flip + ColorJitter(0.4) + normalise; eval: resize 256, crop 224):
+``torchvision-classic`` is torchvision's ImageFolder with PIL transforms, as in its references;
+``ours-per-image`` is this package's ``data_pipeline classic`` (transforms v2 on uint8 tensors);
+``ours-fast`` is ``data_pipeline fast`` (the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from .config import Config
+from .data import SeededDataset, build_dataset
+from .pipeline import build_batch_transform
+
+DATA_BACKENDS = ("torchvision-classic", "ours-per-image", "ours-fast")
+
+
+@dataclasses.dataclass
+class DataRow:
+    split: str  # "train" or "eval" transform
+    backend: str
+    images_per_second: float  # per core, median round
+    spread: tuple[float, float]
+    ms_per_image: float
+    images: int  # images per round
+
+
+def torchvision_classic(root: Path, train: bool, size: int = 224) -> torch.utils.data.Dataset:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    if train:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), *normalize]
+    else:
+        steps = [T.Resize(round(size / 0.875)), T.CenterCrop(size), *normalize]
+    return datasets.ImageFolder(str(root), transform=T.Compose(steps))
+
+
+def ours(root: Path, train: bool, pipeline: str, size: int = 224) -> tuple[torch.utils.data.Dataset, Callable | None]:
+    cfg = Config(dataset="imagefolder", data_dir=str(root.parent), image_resize=size, data_pipeline=pipeline)
+    dataset = SeededDataset(build_dataset(cfg, root.name, train=train))
+    return dataset, (build_batch_transform(cfg, train) if pipeline == "fast" else None)
+
+
+def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:
+    """Load ``count`` images in batches, as a training step would receive them; our datasets go through
+    the loader's per-sample seeding (``SeededDataset``), which is part of their cost."""
+    seeded = isinstance(dataset, SeededDataset)
+
+    def run() -> None:
+        for start in range(0, count, batch):
+            indices = [i % len(dataset) for i in range(start, min(start + batch, count))]
+            samples = [dataset[(i, 1000 + i) if seeded else i] for i in indices]
+            images, _ = default_collate(samples)
+            if finish is not None:
+                finish(*images)
+
+    return run
+
+
+def benchmark_pipelines(
+    train_root: Path, eval_root: Path, backends: list[str], count: int = 96, batch: int = 32, repeats: int = 5
+) -> list[DataRow]:
+    """Per-core img/s of each pipeline, the backends of a split taking turns within each round."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows: list[DataRow] = []
+    try:
+        for split, root in (("train", train_root), ("eval", eval_root)):
+            runs = []
+            for backend in backends:
+                if backend == "torchvision-classic":
+                    run = epoch_runner(torchvision_classic(root, split == "train"), None, count, batch)
+                else:
+                    dataset, finish = ours(root, split == "train", "fast" if backend == "ours-fast" else "classic")
+                    run = epoch_runner(dataset, finish, count, batch)
+                run()  # warm-up: file cache, first-call allocations
+                runs.append(run)
+            rates: list[list[float]] = [[] for _ in runs]
+            for _ in range(repeats):
+                for index, run in enumerate(runs):
+                    torch.manual_seed(index)
+                    start = time.perf_counter()
+                    run()
+                    rates[index].append(count / (time.perf_counter() - start))
+            for backend, measured in zip(backends, rates, strict=True):
+                median = statistics.median(measured)
+                rows.append(DataRow(split, backend, median, (min(measured), max(measured)), 1000 / median, count))
+                print(format_data_row(rows[-1]), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def format_data_row(row: DataRow) -> str:
+    low, high = row.spread
+    return (
+        f"data {row.split:5s} {row.backend:22s} {row.images_per_second:8.1f} img/s per core "
+        f"({low:.1f}..{high:.1f})  {row.ms_per_image:6.2f} ms/image"
+    )

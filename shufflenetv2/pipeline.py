@@ -1,0 +1,292 @@
+"""The fast input pipeline: workers decode and crop to uint8, the batch is coloured and normalised on the device.
+
+MindCV's train transform (RandomResizedCrop, flips, ColorJitter, Normalize, RandomErasing) costs most of
+its CPU time after decoding, on per-image float work.  Here a worker does only what needs the file:
+
+* it draws every random parameter of the sample with torchvision's own samplers, in the order the
+  per-image ``transforms.v2`` pipeline (``data.build_transform``) draws them, so both pipelines give the
+  same crop boxes, flips, jitter factors and erasing boxes for the same per-sample seed;
+* it decodes a JPEG at 1/2, 1/4 or 1/8 scale inside libjpeg-turbo (``simplejpeg``) when the crop box
+  still has at least the output size at that scale, so no crop is ever enlarged from a smaller decode;
+* it resizes the box to the output size in uint8 and flips it, and hands over 150 KB instead of 600 KB.
+
+``BatchTransform`` then applies the colour jitter (each image's three operations in its own random
+order, clamped after each as torchvision's float kernels do), the normalisation and the erasing to
+the whole uint8 batch wherever the batch lives: on the GPU it costs nothing measurable, on a CPU it
+runs in cache-sized chunks.  The eval transform (resize, centre crop) is deterministic and decodes at
+full size, so its pixels are those of the per-image pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .config import Config
+from .data import MAX_IMAGE_PIXELS, interpolation_mode, load_image
+
+try:  # libjpeg-turbo with scaled decoding; without it JPEGs decode at full size through load_image
+    import simplejpeg
+except ImportError:  # pragma: no cover - simplejpeg is a dependency, but keep working without it
+    simplejpeg = None
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale, also OpenCV's (MindSpore's) BT.601
+# The per-sample parameter vector: jitter factors, the order of the three jitter ops, the erasing box.
+BRIGHTNESS, CONTRAST, SATURATION, ORDER, ERASE = 0, 1, 2, slice(3, 6), slice(6, 10)
+NUM_PARAMS = 10
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class AugmentedImage(NamedTuple):
+    """A worker's output: the cropped, flipped uint8 image and what the batch step still has to do."""
+
+    pixels: Tensor  # uint8 (3, S, S)
+    params: Tensor  # float32 (NUM_PARAMS,); see BRIGHTNESS .. ERASE
+
+
+def _dims_only(channels: int, height: int, width: int) -> Tensor:
+    """A tensor with this shape and no storage: torchvision's samplers read only the shape."""
+    return torch.empty(()).expand(channels, height, width)
+
+
+def jpeg_header(raw: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colour space) from a JPEG header, or None when ``raw`` is not a JPEG simplejpeg reads."""
+    if simplejpeg is None or not raw.startswith(JPEG_MAGIC):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+    except ValueError:
+        return None
+    return height, width, colorspace
+
+
+def jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    header = jpeg_header(raw)
+    return None if header is None else header[:2]
+
+
+def reduction_for(box_height: int, box_width: int, size: int) -> int:
+    """The largest JPEG scale-down (1, 2, 4 or 8) that keeps a box of this size at least ``size`` pixels.
+
+    libjpeg-turbo also scales by other multiples of 1/8, but those run slower than a full decode here.
+    """
+    factor = 1
+    while factor < 8 and min(box_height, box_width) >= 2 * factor * size:
+        factor *= 2
+    return factor
+
+
+def decode_jpeg(raw: bytes, height: int, width: int, factor: int = 1) -> Tensor | None:
+    """An (H', W', 3) uint8 RGB array decoded at 1/``factor`` scale, or None to fall back to ``load_image``."""
+    try:
+        array = simplejpeg.decode_jpeg(
+            raw, colorspace="RGB", min_height=math.ceil(height / factor), min_width=math.ceil(width / factor)
+        )
+    except ValueError:  # CMYK, truncated, corrupt: load_image decodes it or says precisely what is wrong
+        return None
+    return torch.from_numpy(array)
+
+
+class _SampleTransform:
+    """Shared by the train and eval transforms: reading a file, the size check, uint8 resizing."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.size = cfg.image_resize
+        self.interpolation = interpolation_mode(cfg.interpolation)
+
+    def from_file(self, path: str | os.PathLike[str]) -> AugmentedImage:
+        """The sample for the file at ``path``; JPEGs take the fast decoder, everything else ``load_image``."""
+        try:
+            raw = Path(path).read_bytes()
+        except OSError:
+            return self(load_image(path))  # load_image words the error
+        dims = jpeg_size(raw)
+        if dims is None:
+            return self(load_image(path))
+        height, width = dims
+        if height * width > MAX_IMAGE_PIXELS:
+            return self(load_image(path))  # refused there, with the reason
+        return self._from_jpeg(raw, path, height, width)
+
+    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
+        raise NotImplementedError
+
+    def _resize(self, hwc: Tensor, size: list[int]) -> Tensor:
+        """uint8 resize of an (H, W, 3) view: the channels-last layout takes torch's vectorised uint8 kernel."""
+        return TF.resize(hwc.permute(2, 0, 1), size, interpolation=self.interpolation, antialias=True)
+
+
+class TrainSampleTransform(_SampleTransform):
+    """RandomResizedCrop and flips to uint8, plus the jitter and erasing parameters for ``BatchTransform``.
+
+    Calls torchvision's samplers in the per-image pipeline's order: crop box, horizontal flip, vertical
+    flip, ColorJitter (op order, then brightness, contrast, saturation), RandomErasing (coin, then box).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.crop = v2.RandomResizedCrop(self.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)
+        self.hflip, self.vflip = cfg.hflip, cfg.vflip
+        self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
+        self.erase = (
+            v2.RandomErasing(p=cfg.re_prob, scale=cfg.re_scale, ratio=cfg.re_ratio, value=cfg.re_value)
+            if cfg.re_prob > 0
+            else None
+        )
+
+    def _draw(self, height: int, width: int) -> tuple[dict[str, int], bool, bool, Tensor]:
+        box = self.crop.make_params([_dims_only(3, height, width)])
+        hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        vflip = self.vflip > 0 and bool(torch.rand(1) < self.vflip)
+        params = torch.zeros(NUM_PARAMS)
+        params[BRIGHTNESS : SATURATION + 1] = 1.0
+        params[ORDER] = torch.tensor([BRIGHTNESS, CONTRAST, SATURATION], dtype=torch.float32)
+        if self.jitter is not None:
+            drawn = self.jitter.make_params([])
+            order = [int(i) for i in drawn["fn_idx"] if int(i) < 3]  # hue (3) is never on: MindCV jitters b, c, s
+            params[ORDER] = torch.tensor(order, dtype=torch.float32)
+            params[BRIGHTNESS] = drawn["brightness_factor"]
+            params[CONTRAST] = drawn["contrast_factor"]
+            params[SATURATION] = drawn["saturation_factor"]
+        if self.erase is not None and bool(torch.rand(1) < self.erase.p):
+            drawn = self.erase.make_params([_dims_only(3, self.size, self.size)])
+            if drawn["v"] is not None:  # None: no box fitted in ten tries, nothing is erased
+                params[ERASE] = torch.tensor([drawn["i"], drawn["j"], drawn["h"], drawn["w"]], dtype=torch.float32)
+        return box, hflip, vflip, params
+
+    def _finish(self, hwc: Tensor, box: dict[str, int], flips: tuple[bool, bool], params: Tensor) -> AugmentedImage:
+        top, left, h, w = box["top"], box["left"], box["height"], box["width"]
+        image = self._resize(hwc[top : top + h, left : left + w], [self.size, self.size])
+        hflip, vflip = flips
+        if hflip:
+            image = image.flip(-1)
+        if vflip:
+            image = image.flip(-2)
+        return AugmentedImage(image.contiguous(), params)
+
+    def __call__(self, image: Tensor) -> AugmentedImage:
+        """An already decoded uint8 (3, H, W) image (CIFAR arrays, PNGs)."""
+        box, hflip, vflip, params = self._draw(image.shape[-2], image.shape[-1])
+        return self._finish(image.permute(1, 2, 0), box, (hflip, vflip), params)
+
+    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
+        box, hflip, vflip, params = self._draw(height, width)
+        factor = reduction_for(box["height"], box["width"], self.size)
+        hwc = decode_jpeg(raw, height, width, factor)
+        if hwc is None:
+            return self._finish(load_image(path).permute(1, 2, 0), box, (hflip, vflip), params)
+        if factor > 1:  # the box in the reduced image's pixels: within half a pixel there, a quarter of an output pixel
+            scale_h, scale_w = hwc.shape[0] / height, hwc.shape[1] / width
+            top, left = round(box["top"] * scale_h), round(box["left"] * scale_w)
+            box = {
+                "top": top,
+                "left": left,
+                "height": max(1, min(round(box["height"] * scale_h), hwc.shape[0] - top)),
+                "width": max(1, min(round(box["width"] * scale_w), hwc.shape[1] - left)),
+            }
+        return self._finish(hwc, box, (hflip, vflip), params)
+
+
+class EvalSampleTransform(_SampleTransform):
+    """Resize the shorter side to ``floor(image_resize / crop_pct)``, centre crop, uint8; full-size decode."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.resize = math.floor(cfg.image_resize / cfg.crop_pct)
+        self.identity = torch.zeros(NUM_PARAMS)
+        self.identity[BRIGHTNESS : SATURATION + 1] = 1.0
+
+    def _finish(self, hwc: Tensor) -> AugmentedImage:
+        image = TF.center_crop(self._resize(hwc, [self.resize]), [self.size])
+        return AugmentedImage(image.contiguous(), self.identity)
+
+    def __call__(self, image: Tensor) -> AugmentedImage:
+        return self._finish(image.permute(1, 2, 0))
+
+    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
+        hwc = decode_jpeg(raw, height, width)
+        return self._finish(load_image(path).permute(1, 2, 0) if hwc is None else hwc)
+
+
+def build_sample_transform(cfg: Config, train: bool) -> TrainSampleTransform | EvalSampleTransform:
+    """The worker half of the fast pipeline (``config.validate`` refuses it with auto_augment)."""
+    return TrainSampleTransform(cfg) if train else EvalSampleTransform(cfg)
+
+
+class BatchTransform(torch.nn.Module):
+    """uint8 (B, 3, S, S) images and their (B, NUM_PARAMS) parameters -> normalised float32, on their device,
+    channels_last when ``cfg.channels_last``.
+
+    Each jitter op is torchvision's float kernel: ``clamp(f * x + (1 - f) * target)`` with target 0
+    (brightness), the image's mean grey level (contrast) or each pixel's grey level (saturation).  As all
+    three share that form, every position of the per-image op order is one vectorised blend.
+    """
+
+    def __init__(self, cfg: Config, train: bool, chunk: int = 8) -> None:
+        super().__init__()
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.jitter = train and bool(cfg.color_jitter)
+        self.erase = train and cfg.re_prob > 0
+        self.erase_value = cfg.re_value
+        self.chunk = chunk
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) / 255, persistent=False)
+        self.register_buffer("inv_std", 255 / torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor, params: Tensor) -> Tensor:
+        params = params.to(images.device, non_blocking=True)
+        if images.device.type != "cpu":
+            return self._transform(images, params).contiguous(memory_format=self.memory_format)
+        out = torch.empty(images.shape, dtype=torch.float32, memory_format=self.memory_format)
+        for start in range(0, images.shape[0], self.chunk):  # a chunk stays in cache through all the passes
+            part = slice(start, start + self.chunk)
+            out[part] = self._transform(images[part], params[part])
+        return out
+
+    def _transform(self, images: Tensor, params: Tensor) -> Tensor:
+        x = images.float().div_(255)
+        if self.jitter:
+            for position in range(3):
+                op = params[:, ORDER][:, position].long()
+                factor = params.gather(1, op[:, None]).view(-1, 1, 1, 1)
+                x = self._blend(x, op, factor)
+        x = x.sub_(self.mean).mul_(self.inv_std)
+        if self.erase:  # rows without a box have width 0 and so an empty mask
+            x = x.masked_fill_(self._erase_mask(params[:, ERASE], x.shape[-2], x.shape[-1]), self.erase_value)
+        return x
+
+    def _blend(self, x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
+        """One jitter op per image (0 brightness, 1 contrast, 2 saturation), all images at once, in place.
+
+        ``x * f + (1 - f) * target``: the target is 0, the image's mean grey or each pixel's grey.
+        """
+        w0, w1, w2 = GRAY_WEIGHTS
+        grey = x[:, 0:1] * w0  # (B, 1, H, W), three passes over a third of the data
+        grey.add_(x[:, 1:2], alpha=w1).add_(x[:, 2:3], alpha=w2)
+        rest = 1.0 - factor
+        per_pixel = rest * (op == SATURATION).view(-1, 1, 1, 1)
+        per_image = rest * (op == CONTRAST).view(-1, 1, 1, 1) * grey.mean((2, 3), keepdim=True)
+        return x.mul_(factor).addcmul_(grey, per_pixel).add_(per_image).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def _erase_mask(erase: Tensor, height: int, width: int) -> Tensor:
+        top, left, h, w = (erase[:, k].view(-1, 1, 1, 1) for k in range(4))
+        rows = torch.arange(height, device=erase.device, dtype=erase.dtype).view(1, 1, -1, 1)
+        cols = torch.arange(width, device=erase.device, dtype=erase.dtype).view(1, 1, 1, -1)
+        return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+
+
+def build_batch_transform(cfg: Config, train: bool) -> BatchTransform:
+    return BatchTransform(cfg, train)
+
+
+def uses_fast_pipeline(cfg: Config) -> bool:
+    """``data_pipeline auto`` takes the fast path unless an auto-augment policy needs per-image float work."""
+    return cfg.data_pipeline == "fast" or (cfg.data_pipeline == "auto" and not cfg.auto_augment)

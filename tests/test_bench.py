@@ -1,0 +1,75 @@
+"""The training-step and data-pipeline benchmarks: equal work (same losses), and their command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shufflenetv2.bench_train import batches, loss_trajectory, prepare, step_function, twin_networks
+from shufflenetv2.cli import main
+
+
+@pytest.mark.parametrize("backend", ["ours-eager", "ours-channels-last"])
+def test_our_training_steps_are_torchvisions_in_float64(backend: str) -> None:
+    """The bench compares equal work: from the same weights, the same SGD steps give the same losses."""
+    ours, theirs = twin_networks("shufflenet_v2_x0_5", num_classes=10)
+    data = [(x.double(), y) for x, y in batches(3, 4, 48, 10, seed=3)]
+    reference = loss_trajectory(step_function(theirs.double(), False), data)
+    net, channels_last = prepare(backend, ours.double(), theirs)
+    losses = loss_trajectory(step_function(net, channels_last), data)
+    assert len(set(reference)) == 3  # the weights really moved between steps
+    assert max(abs(a - b) / b for a, b in zip(losses, reference, strict=True)) < 1e-10
+
+
+def test_first_float32_step_agrees() -> None:
+    ours, theirs = twin_networks("shufflenet_v2_x0_5", num_classes=10)
+    data = batches(1, 8, 64, 10)
+    first = loss_trajectory(step_function(theirs, False), data)[0]
+    net, channels_last = prepare("ours-channels-last", ours, theirs)
+    assert loss_trajectory(step_function(net, channels_last), data)[0] == pytest.approx(first, rel=1e-5)
+
+
+def test_bench_train_and_data_suites(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(4):
+            folder = tmp_path / "data" / split / f"c{k % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(folder / f"{k}.jpg")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--suites", "train", "data", "--train-backends", "ours-channels-last", "torchvision-eager",
+            "--train-batches", "4", "--input-size", "32", "--iterations", "1", "--repeats", "2", "--threads", "1",
+            "--data", str(tmp_path / "data"), "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    train = results["train_rows"]
+    assert [r["backend"] for r in train] == ["ours-channels-last", "torchvision-eager"]
+    assert all(r["images_per_second"] > 0 and r["float32_noise_floor"] >= 0 for r in train)
+    assert train[1]["max_relative_loss_difference"] == 0.0  # torchvision against itself
+    rows = [(r["split"], r["backend"]) for r in results["data_rows"]]
+    assert rows == [(s, b) for s in ("train", "eval") for b in ("torchvision-classic", "ours-per-image", "ours-fast")]
+    assert all(r["images_per_second"] > 0 for r in results["data_rows"])
+    assert main(["bench", "--suites", "data"]) == 2  # no --data: a clear error, not a traceback
+
+
+def test_channels_last_gradients_keep_their_layout() -> None:
+    """EvenOddSplit's backward: the same float64 gradients as plain slicing, laid out like the activations."""
+    torch.manual_seed(0)
+    nchw, _ = twin_networks("shufflenet_v2_x0_5", num_classes=10)
+    nchw = nchw.double()
+    nhwc = prepare("ours-channels-last", nchw, nchw)[0]
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    y = torch.tensor([1, 7])
+    seen = []
+    block = nhwc.features[1]  # a stride-1 block
+    block.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_in[0]))
+    torch.nn.functional.cross_entropy(nchw(x), y).backward()
+    torch.nn.functional.cross_entropy(nhwc(x.contiguous(memory_format=torch.channels_last)), y).backward()
+    assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
+    worst = max((p.grad - q.grad).abs().max() for p, q in zip(nchw.parameters(), nhwc.parameters(), strict=True))
+    assert worst < 1e-10

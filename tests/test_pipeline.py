@@ -1,0 +1,229 @@
+"""The fast pipeline (uint8 workers, batch-level jitter/normalise) against the per-image one it replaces."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from shufflenetv2.config import Config, ConfigError, validate
+from shufflenetv2.data import build_dataset, build_loader, build_transform, load_image
+from shufflenetv2.errors import DataError
+from shufflenetv2.pipeline import (
+    BRIGHTNESS,
+    ERASE,
+    ORDER,
+    SATURATION,
+    BatchTransform,
+    EvalSampleTransform,
+    TrainSampleTransform,
+    reduction_for,
+)
+
+
+def cfg_for(**values) -> Config:
+    base = {"dataset": "imagefolder", "image_resize": 24, "num_parallel_workers": 0, "batch_size": 4}
+    return dataclasses.replace(Config(), **{**base, **values})
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour fields with some texture: like a photograph, rescaling barely changes it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    channels = [np.sin(2 * np.pi * (f * xx + g * yy) + p) for f, g, p in rng.uniform(0.5, 3, (3, 3))]
+    image = 127.5 + 100 * np.stack(channels, -1) + rng.normal(0, 4, (h, w, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path: Path, h: int, w: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(photo(h, w, seed)).save(path, quality=92)
+    return path
+
+
+def fast_train(cfg: Config, image: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    sample = TrainSampleTransform(cfg)(image)
+    return BatchTransform(cfg, train=True)(sample.pixels[None], sample.params[None])[0]
+
+
+def classic_train(cfg: Config, image: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return build_transform(cfg, train=True)(image)
+
+
+IMAGE = torch.from_numpy(photo(60, 80)).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize("re_prob", [0.0, 1.0])
+def test_same_crops_flips_and_erasing_as_the_per_image_pipeline(re_prob: float) -> None:
+    """Without jitter both pipelines compute the same pixels: torchvision's samplers are drawn in the same order."""
+    cfg = cfg_for(color_jitter=None, hflip=0.5, vflip=0.5, re_prob=re_prob)
+    erased = 0
+    for seed in range(24):
+        fast, classic = fast_train(cfg, IMAGE, seed), classic_train(cfg, IMAGE, seed)
+        assert fast.shape == classic.shape == (3, 24, 24)
+        assert (fast - classic).abs().max() < 1e-5, seed
+        erased += int((classic == 0).all(0).any())
+    assert re_prob == 0 or erased > 12  # the erasing boxes were really compared
+
+
+def test_jitter_is_torchvisions_float_kernels_in_each_images_order() -> None:
+    cfg = cfg_for(hflip=0.0)
+    transform, batch = TrainSampleTransform(cfg), BatchTransform(cfg, train=True, chunk=3)
+    torch.manual_seed(0)
+    samples = [transform(IMAGE) for _ in range(16)]
+    pixels = torch.stack([s.pixels for s in samples])
+    params = torch.stack([s.params for s in samples])
+    out = batch(pixels, params)
+    kernels = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1) / 255, torch.tensor(cfg.std).view(3, 1, 1) / 255
+    for k, sample in enumerate(samples):
+        x = sample.pixels.float() / 255
+        for op in sample.params[ORDER].long().tolist():
+            x = kernels[op](x, float(sample.params[op]))
+        assert (out[k] - (x - mean) / std).abs().max() < 1e-5
+    # the per-image pipeline jitters uint8 (rounding after every op): the same image within three levels
+    for seed in range(8):
+        assert (fast_train(cfg, IMAGE, seed) - classic_train(cfg, IMAGE, seed)).abs().max() < 3.5 / 255 / 0.224
+
+
+def mindspore_crop_draws(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Area fractions and aspects of MindSpore's RandomResizedCrop, written from its documented algorithm:
+    ten tries of (area ~ U(scale) * H * W, log aspect ~ U(log ratio)) until the box fits, else a centre crop."""
+    rng = np.random.default_rng(1)
+    areas, aspects = [], []
+    for _ in range(n):
+        for _ in range(10):
+            area = height * width * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                break
+        else:
+            h, w = height, min(width, round(height * ratio[1]))
+        areas.append(h * w / (height * width))
+        aspects.append(w / h)
+    return np.array(areas), np.array(aspects)
+
+
+def test_crop_and_jitter_statistics_match_mindcvs_ranges() -> None:
+    """RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3)) and ColorJitter(0.4, 0.4, 0.4), as MindCV draws them."""
+    cfg = cfg_for(image_resize=224)
+    transform = TrainSampleTransform(cfg)
+    reference = v2.RandomResizedCrop(224, scale=cfg.scale, ratio=cfg.ratio)
+    areas, ratios, factors, orders = [], [], [], Counter()
+    for seed in range(3000):
+        torch.manual_seed(seed)
+        box, _, _, params = transform._draw(375, 500)
+        torch.manual_seed(seed)
+        assert box == reference.make_params([torch.empty(3, 375, 500)])  # draw for draw
+        areas.append(box["height"] * box["width"] / (375 * 500))
+        ratios.append(box["width"] / box["height"])
+        factors += params[BRIGHTNESS : SATURATION + 1].tolist()
+        orders[tuple(params[ORDER].long().tolist())] += 1
+    areas, ratios, factors = np.array(areas), np.array(ratios), np.array(factors)
+    assert areas.min() >= 0.08 - 0.01 and areas.max() <= 1.0
+    assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 1.333 + 0.02
+    expected_areas, expected_ratios = mindspore_crop_draws(375, 500, cfg.scale, cfg.ratio, len(areas))
+    quantiles = np.linspace(0.05, 0.95, 19)
+    assert np.abs(np.quantile(areas, quantiles) - np.quantile(expected_areas, quantiles)).max() < 0.03
+    assert np.abs(np.quantile(ratios, quantiles) - np.quantile(expected_ratios, quantiles)).max() < 0.03
+    assert factors.min() >= 0.6 and factors.max() <= 1.4 and abs(factors.mean() - 1.0) < 0.01
+    assert abs(np.std(factors) - 0.8 / math.sqrt(12)) < 0.01  # uniform on [0.6, 1.4]
+    assert sorted(orders) == sorted([(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+    assert min(orders.values()) > 3000 / 6 * 0.85
+
+
+def test_reduced_jpeg_decoding_gives_the_full_decodes_pixels(tmp_path: Path) -> None:
+    """A 1200 x 1600 JPEG cropped to 64 px decodes at 1/8 scale, within a few grey levels of a full decode."""
+    path = write_jpeg(tmp_path / "big.jpg", 1200, 1600)
+    cfg = cfg_for(image_resize=64, scale=(0.3, 1.0), color_jitter=None, hflip=0.5)
+    transform, full = TrainSampleTransform(cfg), load_image(path)
+    reduced = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        box, *_ = transform._draw(1200, 1600)
+        reduced += reduction_for(box["height"], box["width"], 64) > 1
+        torch.manual_seed(seed)
+        fast = transform.from_file(path)
+        torch.manual_seed(seed)
+        exact = transform(full)
+        assert torch.equal(fast.params, exact.params)
+        # the box lands within half a pixel of the reduced image (a quarter of an output pixel), so on
+        # this image's gradients (up to 1.2 levels per source pixel) a few levels differ, without bias
+        difference = fast.pixels.float() - exact.pixels.float()
+        assert difference.abs().mean() < 4.0 and difference.mean().abs() < 0.5 and difference.abs().max() < 16, seed
+    assert reduced == 12
+
+
+def test_reduction_never_enlarges() -> None:
+    assert reduction_for(447, 1000, 224) == 1
+    assert reduction_for(448, 1000, 224) == 2
+    assert reduction_for(5000, 5000, 224) == 8
+    assert reduction_for(900, 2000, 224) == 4
+
+
+def test_eval_pixels_equal_the_per_image_pipeline(tmp_path: Path) -> None:
+    cfg = cfg_for(image_resize=32, crop_pct=0.875)
+    batch = BatchTransform(cfg, train=False)
+    for k, (h, w) in enumerate([(75, 100), (100, 61), (37, 37)]):
+        path = write_jpeg(tmp_path / f"{k}.jpg", h, w, seed=k)
+        sample = EvalSampleTransform(cfg).from_file(path)
+        fast = batch(sample.pixels[None], sample.params[None])[0]
+        classic = build_transform(cfg, train=False)(load_image(path))
+        assert (fast - classic).abs().max() < 1e-5
+
+
+def test_other_formats_and_broken_files(tmp_path: Path) -> None:
+    cfg = cfg_for()
+    png = tmp_path / "a.png"
+    Image.fromarray(photo(30, 40)).convert("L").save(png)
+    assert TrainSampleTransform(cfg).from_file(png).pixels.shape == (3, 24, 24)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(photo(30, 40)).convert("CMYK").save(cmyk)
+    assert EvalSampleTransform(cfg).from_file(cmyk).pixels.shape == (3, 24, 24)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(write_jpeg(tmp_path / "whole.jpg", 60, 80).read_bytes()[:700])
+    with pytest.raises(DataError, match=r"cut\.jpg"):
+        TrainSampleTransform(cfg).from_file(truncated)
+    with pytest.raises(DataError, match=r"missing\.jpg"):
+        TrainSampleTransform(cfg).from_file(tmp_path / "missing.jpg")
+
+
+def test_loader_yields_uint8_and_parameters(tmp_path: Path) -> None:
+    for i in range(8):
+        write_jpeg(tmp_path / "train" / f"c{i % 2}" / f"{i}.jpg", 50 + 3 * i, 70, seed=i)
+    cfg = cfg_for(data_dir=str(tmp_path), re_prob=0.5)
+    loader = build_loader(cfg, build_dataset(cfg, "train", train=True), train=True)
+    images, labels, unreadable, params = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 24, 24) and params.shape == (4, 10)
+    assert unreadable == () and labels.dtype == torch.int64
+    chunked = BatchTransform(cfg, train=True, chunk=1)(images, params)
+    whole = BatchTransform(cfg, train=True, chunk=64)(images, params)
+    assert chunked.dtype == torch.float32 and torch.equal(chunked, whole)
+    assert (params[:, ERASE][:, 3] >= 0).all()
+
+
+def test_pipeline_choice() -> None:
+    with pytest.raises(ConfigError, match="data_pipeline fast cannot apply auto_augment"):
+        validate(cfg_for(data_pipeline="fast", auto_augment="randaug-m9"))
+    validate(cfg_for(data_pipeline="auto", auto_augment="randaug-m9"))
+
+
+def test_auto_augment_takes_the_per_image_pipeline(tmp_path: Path) -> None:
+    write_jpeg(tmp_path / "train" / "a" / "0.jpg", 40, 40)
+    image, _ = build_dataset(cfg_for(data_dir=str(tmp_path), auto_augment="trivialaugwide"), "train", True)[0]
+    assert image.dtype == torch.float32
+    image, _ = build_dataset(cfg_for(data_dir=str(tmp_path)), "train", True)[0]
+    assert image.pixels.dtype == torch.uint8
