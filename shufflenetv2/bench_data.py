@@ -8,7 +8,10 @@ GPU that part leaves the CPU).  A DataLoader with N workers scales these figures
 Rows (train: RandomResizedCrop(224) + flip + ColorJitter(0.4) + normalise; eval: resize 256, crop 224):
 ``torchvision-classic`` is torchvision's ImageFolder with PIL transforms, as in its references;
 ``ours-per-image`` is this package's ``data_pipeline classic`` (transforms v2 on uint8 tensors);
-``ours-fast`` is ``data_pipeline fast`` (the default).
+``ours-fast`` is ``data_pipeline fast`` (the default), its batch step on this CPU included;
+``ours-fast-workers`` is the same without the batch step: the CPU's share when that step runs on a GPU;
+``ours-device-decode-workers`` is the CPU's share with ``decode_on_device True`` (reading, header, draws).
+The last two leave work to a GPU, so they say what a GPU machine's CPU cores must sustain, nothing more.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import default_collate
 
 from .config import Config
-from .data import SeededDataset, build_dataset
+from .data import SeededDataset, build_dataset, collate_train
 from .pipeline import build_batch_transform
 
-DATA_BACKENDS = ("torchvision-classic", "ours-per-image", "ours-fast")
+DATA_BACKENDS = (
+    "torchvision-classic",
+    "ours-per-image",
+    "ours-fast",
+    "ours-fast-workers",
+    "ours-device-decode-workers",
+)
 
 
 @dataclasses.dataclass
@@ -51,10 +59,14 @@ def torchvision_classic(root: Path, train: bool, size: int = 224) -> torch.utils
     return datasets.ImageFolder(str(root), transform=T.Compose(steps))
 
 
-def ours(root: Path, train: bool, pipeline: str, size: int = 224) -> tuple[torch.utils.data.Dataset, Callable | None]:
-    cfg = Config(dataset="imagefolder", data_dir=str(root.parent), image_resize=size, data_pipeline=pipeline)
+def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.utils.data.Dataset, Callable | None]:
+    pipeline = "classic" if backend == "ours-per-image" else "fast"
+    cfg = Config(
+        dataset="imagefolder", data_dir=str(root.parent), image_resize=size, data_pipeline=pipeline,
+        decode_on_device=backend == "ours-device-decode-workers",
+    )  # fmt: skip
     dataset = SeededDataset(build_dataset(cfg, root.name, train=train))
-    return dataset, (build_batch_transform(cfg, train) if pipeline == "fast" else None)
+    return dataset, (build_batch_transform(cfg, train) if backend == "ours-fast" else None)
 
 
 def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:
@@ -66,9 +78,9 @@ def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, cou
         for start in range(0, count, batch):
             indices = [i % len(dataset) for i in range(start, min(start + batch, count))]
             samples = [dataset[(i, 1000 + i) if seeded else i] for i in indices]
-            images, _ = default_collate(samples)
+            images = collate_train(samples)  # what the loader's workers do
             if finish is not None:
-                finish(*images)
+                finish(images.images, images.params)
 
     return run
 
@@ -87,7 +99,7 @@ def benchmark_pipelines(
                 if backend == "torchvision-classic":
                     run = epoch_runner(torchvision_classic(root, split == "train"), None, count, batch)
                 else:
-                    dataset, finish = ours(root, split == "train", "fast" if backend == "ours-fast" else "classic")
+                    dataset, finish = ours(root, split == "train", backend)
                     run = epoch_runner(dataset, finish, count, batch)
                 run()  # warm-up: file cache, first-call allocations
                 runs.append(run)

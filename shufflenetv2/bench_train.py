@@ -21,11 +21,15 @@ from torch import nn
 
 from .bench import autocast, interleaved_rounds, synchronize, torchvision_model
 from .layout import convert_layout
-from .model import build_network
+from .model import WIDTHS, build_network
 
 TRAIN_BACKENDS = (
-    "ours-eager", "ours-channels-last", "ours-compiled", "torchvision-eager", "torchvision-compiled",
+    "ours-eager", "ours-channels-last", "ours-compiled", "ours-mindcv-channels-last",
+    "torchvision-eager", "torchvision-compiled",
 )  # fmt: skip
+# MindCV's own network (its SAME stem pool, init, no classifier bias), what train.py trains: the same
+# work per step, but another function, so its losses are not compared with torchvision's
+NOT_TORCHVISIONS_FUNCTION = ("ours-mindcv-channels-last",)
 
 
 @dataclasses.dataclass
@@ -37,7 +41,7 @@ class TrainRow:
     spread: tuple[float, float]
     step_ms: float  # median time per step
     setup_seconds: float  # the first step (compilation for the compiled rows), excluded
-    max_relative_loss_difference: float  # over the numerics check's steps, against torchvision eager
+    max_relative_loss_difference: float | None  # over the check's steps, against torchvision eager
     # the same measure for torchvision eager (float32, or the autocast in use) against itself in float64:
     # rounding alone moves this network's loss trajectory this much, so a difference of that order is "identical"
     float32_noise_floor: float
@@ -58,6 +62,10 @@ def prepare(backend: str, ours: nn.Module, theirs: nn.Module) -> tuple[nn.Module
     if backend.startswith("torchvision"):
         net = copy.deepcopy(theirs)
         return (torch.compile(net) if backend.endswith("compiled") else net), False
+    if backend == "ours-mindcv-channels-last":
+        name = next(n for n, w in WIDTHS.items() if w == ours.widths)
+        mindcv = build_network(name).to(next(ours.parameters()).device).train()
+        return mindcv.to(memory_format=torch.channels_last), True
     net = copy.deepcopy(ours)
     if backend == "ours-eager":
         return net, False
@@ -139,7 +147,7 @@ def benchmark_training(
             measured = interleaved_rounds(runs, batch, repeats)
             for backend, setup, losses, rates in zip(backends, setups, trajectories, measured, strict=True):
                 median = statistics.median(rates)
-                worst = relative_difference(losses, baseline)
+                worst = None if backend in NOT_TORCHVISIONS_FUNCTION else relative_difference(losses, baseline)
                 spread = (min(rates), max(rates))
                 rows.append(TrainRow(name, batch, backend, median, spread, 1000 * batch / median, setup, worst, floor))
                 print(format_train_row(rows[-1]), flush=True)
@@ -174,5 +182,9 @@ def format_train_row(row: TrainRow) -> str:
     return (
         f"{row.model:20s} b{row.batch:<4d} train {row.backend:22s} {row.images_per_second:8.1f} img/s "
         f"({low:.1f}..{high:.1f})  {row.step_ms:8.1f} ms/step  setup {row.setup_seconds:.1f} s  "
-        f"loss vs torchvision {row.max_relative_loss_difference:.1e} (float32 noise {row.float32_noise_floor:.1e})"
+        + (
+            f"loss vs torchvision {row.max_relative_loss_difference:.1e} (float32 noise {row.float32_noise_floor:.1e})"
+            if row.max_relative_loss_difference is not None
+            else "(MindCV's network: not torchvision's function)"
+        )
     )

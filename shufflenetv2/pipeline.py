@@ -83,7 +83,7 @@ def reduction_for(box_height: int, box_width: int, size: int) -> int:
     return factor
 
 
-def decode_jpeg(raw: bytes, height: int, width: int, factor: int = 1) -> Tensor | None:
+def decode_jpeg_scaled(raw: bytes, height: int, width: int, factor: int = 1) -> Tensor | None:
     """An (H', W', 3) uint8 RGB array decoded at 1/``factor`` scale, or None to fall back to ``load_image``."""
     try:
         array = simplejpeg.decode_jpeg(
@@ -179,7 +179,7 @@ class TrainSampleTransform(_SampleTransform):
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
         box, hflip, vflip, params = self._draw(height, width)
         factor = reduction_for(box["height"], box["width"], self.size)
-        hwc = decode_jpeg(raw, height, width, factor)
+        hwc = decode_jpeg_scaled(raw, height, width, factor)
         if hwc is None:
             return self._finish(load_image(path).permute(1, 2, 0), box, (hflip, vflip), params)
         if factor > 1:  # the box in the reduced image's pixels: within half a pixel there, a quarter of an output pixel
@@ -211,7 +211,7 @@ class EvalSampleTransform(_SampleTransform):
         return self._finish(image.permute(1, 2, 0))
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
-        hwc = decode_jpeg(raw, height, width)
+        hwc = decode_jpeg_scaled(raw, height, width)
         return self._finish(load_image(path).permute(1, 2, 0) if hwc is None else hwc)
 
 
@@ -238,7 +238,6 @@ class BatchTransform(torch.nn.Module):
         self.chunk = chunk
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) / 255, persistent=False)
         self.register_buffer("inv_std", 255 / torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor, params: Tensor) -> Tensor:
         params = params.to(images.device, non_blocking=True)

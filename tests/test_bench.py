@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shufflenetv2.bench_data import DATA_BACKENDS
 from shufflenetv2.bench_train import batches, loss_trajectory, prepare, step_function, twin_networks
 from shufflenetv2.cli import main
 
@@ -52,7 +53,7 @@ def test_bench_train_and_data_suites(tmp_path: Path) -> None:
     assert all(r["images_per_second"] > 0 and r["float32_noise_floor"] >= 0 for r in train)
     assert train[1]["max_relative_loss_difference"] == 0.0  # torchvision against itself
     rows = [(r["split"], r["backend"]) for r in results["data_rows"]]
-    assert rows == [(s, b) for s in ("train", "eval") for b in ("torchvision-classic", "ours-per-image", "ours-fast")]
+    assert rows == [(s, b) for s in ("train", "eval") for b in DATA_BACKENDS]
     assert all(r["images_per_second"] > 0 for r in results["data_rows"])
     assert main(["bench", "--suites", "data"]) == 2  # no --data: a clear error, not a traceback
 

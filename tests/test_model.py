@@ -132,3 +132,16 @@ def test_forward_compiles_without_graph_breaks() -> None:
     explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 112, 112), (2, 3, 49, 66), (1, 2, 48, 65), (1, 1, 1, 1), (1, 2, 2, 3)])
+def test_same_stem_pool_is_the_padded_pool(shape: tuple[int, ...]) -> None:
+    """MindSpore's SAME pool (padding after on even sizes, both sides on odd) computed without F.pad."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    pad_h, pad_w = 1 + shape[-2] % 2, 1 + shape[-1] % 2
+    padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    expected = F.max_pool2d(F.pad(x, padding, value=float("-inf")), 3, 2)
+    got = StemPool("same")(x)
+    weights = torch.randn_like(expected)
+    assert torch.equal(got, expected)
+    assert torch.equal(*(torch.autograd.grad((y * weights).sum(), x)[0] for y in (got, expected)))
