@@ -51,6 +51,12 @@ class AugmentedImage(NamedTuple):
     params: Tensor  # float32 (NUM_PARAMS,); see BRIGHTNESS .. ERASE
 
 
+def _draw_params(transform: v2.Transform, inputs: list[Tensor]) -> dict:
+    """A v2 transform's random parameters (``make_params`` since torchvision 0.21, ``_get_params`` before)."""
+    make = getattr(transform, "make_params", None) or transform._get_params
+    return make(inputs)
+
+
 def _dims_only(channels: int, height: int, width: int) -> Tensor:
     """A tensor with this shape and no storage: torchvision's samplers read only the shape."""
     return torch.empty(()).expand(channels, height, width)
@@ -142,21 +148,21 @@ class TrainSampleTransform(_SampleTransform):
         )
 
     def _draw(self, height: int, width: int) -> tuple[dict[str, int], bool, bool, Tensor]:
-        box = self.crop.make_params([_dims_only(3, height, width)])
+        box = _draw_params(self.crop, [_dims_only(3, height, width)])
         hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
         vflip = self.vflip > 0 and bool(torch.rand(1) < self.vflip)
         params = torch.zeros(NUM_PARAMS)
         params[BRIGHTNESS : SATURATION + 1] = 1.0
         params[ORDER] = torch.tensor([BRIGHTNESS, CONTRAST, SATURATION], dtype=torch.float32)
         if self.jitter is not None:
-            drawn = self.jitter.make_params([])
+            drawn = _draw_params(self.jitter, [])
             order = [int(i) for i in drawn["fn_idx"] if int(i) < 3]  # hue (3) is never on: MindCV jitters b, c, s
             params[ORDER] = torch.tensor(order, dtype=torch.float32)
             params[BRIGHTNESS] = drawn["brightness_factor"]
             params[CONTRAST] = drawn["contrast_factor"]
             params[SATURATION] = drawn["saturation_factor"]
         if self.erase is not None and bool(torch.rand(1) < self.erase.p):
-            drawn = self.erase.make_params([_dims_only(3, self.size, self.size)])
+            drawn = _draw_params(self.erase, [_dims_only(3, self.size, self.size)])
             if drawn["v"] is not None:  # None: no box fitted in ten tries, nothing is erased
                 params[ERASE] = torch.tensor([drawn["i"], drawn["j"], drawn["h"], drawn["w"]], dtype=torch.float32)
         return box, hflip, vflip, params
@@ -236,8 +242,10 @@ class BatchTransform(torch.nn.Module):
         self.erase = train and cfg.re_prob > 0
         self.erase_value = cfg.re_value
         self.chunk = chunk
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) / 255, persistent=False)
-        self.register_buffer("inv_std", 255 / torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        # the per-image pipeline's arithmetic to the bit (ToDtype's * (1/255), Normalize's - mean, / std), so
+        # without jitter both give identical batches and identical training runs
+        self.register_buffer("mean", torch.tensor([m / 255 for m in cfg.mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([s / 255 for s in cfg.std]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor, params: Tensor) -> Tensor:
         params = params.to(images.device, non_blocking=True)
@@ -250,13 +258,13 @@ class BatchTransform(torch.nn.Module):
         return out
 
     def _transform(self, images: Tensor, params: Tensor) -> Tensor:
-        x = images.float().div_(255)
+        x = images.float().mul_(1.0 / 255)
         if self.jitter:
             for position in range(3):
                 op = params[:, ORDER][:, position].long()
                 factor = params.gather(1, op[:, None]).view(-1, 1, 1, 1)
                 x = self._blend(x, op, factor)
-        x = x.sub_(self.mean).mul_(self.inv_std)
+        x = x.sub_(self.mean).div_(self.std)
         if self.erase:  # rows without a box have width 0 and so an empty mask
             x = x.masked_fill_(self._erase_mask(params[:, ERASE], x.shape[-2], x.shape[-1]), self.erase_value)
         return x
