@@ -142,7 +142,9 @@ def benchmark_training(
                     step(images, labels)
                 per_round = steps or max(1, round(1.0 / max(_time_one(step, images, labels), 1e-6)))
                 runs.append((lambda step=step, images=images, labels=labels: _timed(step, images, labels), per_round))
-            baseline = trajectories[backends.index("torchvision-eager") if "torchvision-eager" in backends else 0]
+            comparable = [b for b in backends if b not in NOT_TORCHVISIONS_FUNCTION]
+            reference = "torchvision-eager" if "torchvision-eager" in backends else (comparable or backends)[0]
+            baseline = trajectories[backends.index(reference)]
             floor = noise_floor(theirs, check, amp)
             measured = interleaved_rounds(runs, batch, repeats)
             for backend, setup, losses, rates in zip(backends, setups, trajectories, measured, strict=True):

@@ -147,6 +147,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     from .bench import benchmark, write_results
 
+    if "data" in args.suites and not args.data:  # before any suite runs, not after minutes of them
+        raise ShuffleNetV2Error("bench --suites data needs --data DIR: a folder with train/ and val/ class folders")
+    if "inference" in args.suites and args.device != "cpu" and any(b.endswith("onnxruntime") for b in args.backends):
+        raise ShuffleNetV2Error(
+            "the onnxruntime backends run on the CPU only; on a GPU name the others with --backends"
+        )
     results: dict[str, object] = {}
     amp = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp]
     if "inference" in args.suites:
@@ -165,8 +171,6 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if "data" in args.suites:
         from .bench_data import benchmark_pipelines
 
-        if not args.data:
-            raise ShuffleNetV2Error("bench --suites data needs --data DIR: a folder with train/ and val/ class folders")
         root = Path(args.data)
         rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
