@@ -17,7 +17,6 @@ how it is tested; it is no faster there.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -26,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from .config import Config
-from .data import MAX_IMAGE_PIXELS, LoadedBatch, load_image
+from .data import LoadedBatch, load_image
 from .errors import DataError
 from .pipeline import (
     AugmentedImage,
@@ -34,7 +33,7 @@ from .pipeline import (
     EvalSampleTransform,
     TrainSampleTransform,
     build_batch_transform,
-    jpeg_header,
+    read_jpeg,
 )
 
 FINISHED = 0  # box height 0: ``data`` already holds the (3, S, S) result
@@ -78,23 +77,19 @@ def _finished(sample: AugmentedImage) -> EncodedImage:
 DEVICE_COLORSPACES = ("YCbCr", "Gray")  # what nvJPEG turns into RGB; CMYK/YCCK JPEGs go through PIL in the worker
 
 
-def _read_jpeg(path: str | os.PathLike[str]) -> tuple[bytes, int, int] | None:
-    """The bytes and size of a JPEG the device can decode; None sends the file down the worker's path."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError:
+def _device_jpeg(path: str | os.PathLike[str]) -> tuple[bytes, int, int] | None:
+    """A JPEG the device can decode; None sends the file down the worker's path."""
+    found = read_jpeg(path)
+    if found is None or found[3] not in DEVICE_COLORSPACES:
         return None
-    header = jpeg_header(raw)
-    if header is None or header[0] * header[1] > MAX_IMAGE_PIXELS or header[2] not in DEVICE_COLORSPACES:
-        return None
-    return raw, header[0], header[1]
+    return found[:3]
 
 
 class EncodedTrainTransform(TrainSampleTransform):
     """The worker half for training: the draws of ``TrainSampleTransform``, no decoding."""
 
     def from_file(self, path: str | os.PathLike[str]) -> EncodedImage:  # type: ignore[override]
-        found = _read_jpeg(path)
+        found = _device_jpeg(path)
         if found is None:
             return self(load_image(path))
         raw, height, width = found
@@ -109,7 +104,7 @@ class EncodedEvalTransform(EvalSampleTransform):
     """The worker half for evaluation: the whole image is decoded, resized and centre-cropped on the device."""
 
     def from_file(self, path: str | os.PathLike[str]) -> EncodedImage:  # type: ignore[override]
-        found = _read_jpeg(path)
+        found = _device_jpeg(path)
         if found is None:
             return self(load_image(path))
         raw, height, width = found
@@ -123,9 +118,9 @@ class DeviceDecoder:
     """EncodedBatch -> uint8 (B, 3, S, S) on ``device``, plus the files that could not be decoded."""
 
     def __init__(self, cfg: Config, train: bool, device: torch.device) -> None:
-        worker = TrainSampleTransform(cfg) if train else EvalSampleTransform(cfg)
-        self.size, self.interpolation, self.train, self.device = worker.size, worker.interpolation, train, device
-        self.resize = None if train else worker.resize
+        sizes = EvalSampleTransform(cfg)  # the output size, interpolation and eval resize, as the workers'
+        self.size, self.interpolation, self.resize = sizes.size, sizes.interpolation, sizes.resize
+        self.train, self.device = train, device
 
     def __call__(self, batch: EncodedBatch) -> tuple[Tensor, list[int], list[str]]:
         """The images, the indices of the samples they are, and the reasons of those left out."""

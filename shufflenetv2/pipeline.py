@@ -73,9 +73,25 @@ def jpeg_header(raw: bytes) -> tuple[int, int, str] | None:
     return height, width, colorspace
 
 
-def jpeg_size(raw: bytes) -> tuple[int, int] | None:
+def read_jpeg(path: str | os.PathLike[str]) -> tuple[bytes, int, int, str] | None:
+    """(bytes, height, width, colour space) of a JPEG the fast decoders may take; None sends the file to
+    ``load_image``, which reads everything else and words every refusal (unreadable, too many pixels)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
     header = jpeg_header(raw)
-    return None if header is None else header[:2]
+    if header is None or header[0] * header[1] > MAX_IMAGE_PIXELS:
+        return None
+    return (raw, *header)
+
+
+def identity_params() -> Tensor:
+    """The parameter vector that leaves an image as it is: factors 1, no erasing box."""
+    params = torch.zeros(NUM_PARAMS)
+    params[BRIGHTNESS : SATURATION + 1] = 1.0
+    params[ORDER] = torch.tensor([BRIGHTNESS, CONTRAST, SATURATION], dtype=torch.float32)
+    return params
 
 
 def reduction_for(box_height: int, box_width: int, size: int) -> int:
@@ -109,16 +125,10 @@ class _SampleTransform:
 
     def from_file(self, path: str | os.PathLike[str]) -> AugmentedImage:
         """The sample for the file at ``path``; JPEGs take the fast decoder, everything else ``load_image``."""
-        try:
-            raw = Path(path).read_bytes()
-        except OSError:
-            return self(load_image(path))  # load_image words the error
-        dims = jpeg_size(raw)
-        if dims is None:
+        found = read_jpeg(path)
+        if found is None:
             return self(load_image(path))
-        height, width = dims
-        if height * width > MAX_IMAGE_PIXELS:
-            return self(load_image(path))  # refused there, with the reason
+        raw, height, width, _ = found
         return self._from_jpeg(raw, path, height, width)
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
@@ -151,9 +161,7 @@ class TrainSampleTransform(_SampleTransform):
         box = _draw_params(self.crop, [_dims_only(3, height, width)])
         hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
         vflip = self.vflip > 0 and bool(torch.rand(1) < self.vflip)
-        params = torch.zeros(NUM_PARAMS)
-        params[BRIGHTNESS : SATURATION + 1] = 1.0
-        params[ORDER] = torch.tensor([BRIGHTNESS, CONTRAST, SATURATION], dtype=torch.float32)
+        params = identity_params()
         if self.jitter is not None:
             drawn = _draw_params(self.jitter, [])
             order = [int(i) for i in drawn["fn_idx"] if int(i) < 3]  # hue (3) is never on: MindCV jitters b, c, s
@@ -206,8 +214,7 @@ class EvalSampleTransform(_SampleTransform):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.resize = math.floor(cfg.image_resize / cfg.crop_pct)
-        self.identity = torch.zeros(NUM_PARAMS)
-        self.identity[BRIGHTNESS : SATURATION + 1] = 1.0
+        self.identity = identity_params()
 
     def _finish(self, hwc: Tensor) -> AugmentedImage:
         image = TF.center_crop(self._resize(hwc, [self.resize]), [self.size])
