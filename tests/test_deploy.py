@@ -97,6 +97,24 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(name: str, layout:
         assert np.abs(got - expected.numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("size", [224, 225])
+def test_onnx_stem_pool_is_one_same_upper_maxpool_at_even_and_odd_sizes(size: int, tmp_path: Path) -> None:
+    """MindSpore's "same" pool pads (0, 1) on the even 112-px stem output and (1, 1) on the odd 113."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    path = export_onnx(fuse(model, channels_last=False), tmp_path / "m.onnx", input_size=size)
+    nodes = onnx.load(str(path)).graph.node
+    pools = [n for n in nodes if n.op_type == "MaxPool"]
+    assert len(pools) == 1 and not any(n.op_type == "Pad" for n in nodes)
+    assert {a.name: a.s for a in pools[0].attribute}["auto_pad"] == b"SAME_UPPER"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    (got,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-4
+
+
 def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
