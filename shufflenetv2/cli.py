@@ -146,6 +146,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import dataclasses
 
     from .bench import benchmark, write_results
+    from .host_memory import keep_freed_memory
 
     if "data" in args.suites and not args.data:  # before any suite runs, not after minutes of them
         raise ShuffleNetV2Error("bench --suites data needs --data DIR: a folder with train/ and val/ class folders")
@@ -154,6 +155,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             "the onnxruntime backends run on the CPU only; on a GPU name the others with --backends"
         )
     results: dict[str, object] = {}
+    # every row of the process (ours and torchvision's) under the allocator the training loop uses
+    reuse = keep_freed_memory()
     amp = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp]
     if "inference" in args.suites:
         results = benchmark(
@@ -174,6 +177,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         root = Path(args.data)
         rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
+    results["host_memory"] = "glibc malloc keeps freed memory (host_memory)" if reuse else "malloc as configured"
     if args.json:
         print(f"wrote {write_results(results, args.json)}")
 

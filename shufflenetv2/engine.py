@@ -32,6 +32,7 @@ from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
 from .factory import create_model
 from .fileio import atomic_path, check_writable, storage_error
+from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
@@ -664,6 +665,7 @@ class Trainer:
 
 
 def train(cfg: Config) -> RunResult:
+    keep_freed_memory()  # before the loader workers fork, so they inherit it
     trainer = Trainer(cfg)
     try:
         return trainer.run()
@@ -680,6 +682,7 @@ def validate(cfg: Config) -> EvalResult:
         )
     if cfg.ckpt_path and not os.path.exists(cfg.ckpt_path):
         raise ConfigError(f"--ckpt_path {cfg.ckpt_path} does not exist")
+    keep_freed_memory()
     ctx = dist.setup(cfg)
     try:
         dataset = data_mod.build_dataset(cfg, cfg.val_split, train=False)

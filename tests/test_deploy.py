@@ -12,7 +12,7 @@ from torch import nn
 
 from shufflenetv2 import create_model, save_weights
 from shufflenetv2.cli import main
-from shufflenetv2.deploy import FusedShuffleNetV2, export_onnx, fold_batchnorm, fuse
+from shufflenetv2.deploy import FusedShuffleNetV2, PointwiseLinear, export_onnx, fold_batchnorm, fuse
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
 from .conftest import randomize_bn, shared_file
@@ -142,3 +142,24 @@ def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
     assert [(r["backend"], r["batch"]) for r in results["rows"]] == [("ours-fused", 1), ("torchvision-eager", 1)]
     assert all(r["images_per_second"] > 0 and r["spread"][0] <= r["images_per_second"] for r in results["rows"])
     assert results["models"]["shufflenet_v2_x0_5"]["params"] == 1_365_792
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_linear_is_the_1x1_convolution_on_strided_channels_last_slices(bias: bool) -> None:
+    """The fused model feeds its 1x1 convolutions channel slices of NHWC tensors (the block's odd half)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 20, 1, bias=bias).double()
+    x = torch.randn(2, 24, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)[:, 12:]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    got = PointwiseLinear(conv)(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - conv(x)).abs().max() < 1e-12
+
+
+def test_fused_channels_last_model_runs_its_1x1_convolutions_as_matrix_products() -> None:
+    fused = fuse(_model("shufflenet_v2_x0_5", "mindcv"))
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.kernel_size != (1, 1) for m in convs)  # only the stem and depthwise 3x3 remain
+    assert sum(isinstance(m, PointwiseLinear) for m in fused.modules()) > 30
+    nchw = fuse(_model("shufflenet_v2_x0_5", "mindcv"), channels_last=False)  # ONNX export keeps convolutions
+    assert not any(isinstance(m, PointwiseLinear) for m in nchw.modules())
