@@ -19,7 +19,7 @@ if [ ! -d "$DATA/train" ]; then
     { echo "error: ../shared/data/hymenoptera.tar.gz is needed for the data rows" >&2; exit 2; }
   [ -d "$DATA/train" ] || { echo "error: $DATA/train missing after extracting the archive" >&2; exit 2; }
 fi
-"$PY" -m shufflenetv2 bench --suites inference train data --data "$DATA" --threads 2 \
+"$PY" -m shufflenetv2 bench --suites inference train data --data "$DATA" --threads 2 --repeats 11 \
   --models shufflenet_v2_x0_5 shufflenet_v2_x1_0 --batches 1 32 --json "$OUT/bench.json" 2>&1 |
   grep --line-buffered -v "Warning\|warn(" | tee "$OUT/bench.log"
 

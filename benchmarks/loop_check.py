@@ -1,8 +1,10 @@
 """Does the training loop's own img/s agree with the bench?  Usage: loop_check.py BENCH.json train_rank0.log
 
-With no loader workers the loop loads each batch, then trains on it, so its rate should be
-1 / (1 / step rate + 1 / data rate) of the bench's ``ours-mindcv-channels-last`` train row (the network
-train.py trains) and its ``ours-fast`` data row.
+With no loader workers the loop loads each batch, then trains on it, and logs both its ms/step and the
+share of it spent waiting for data.  So its compute rate, ``batch / (ms/step * (1 - data wait))``, must
+match the bench's ``ours-mindcv-channels-last`` train row (the network train.py trains), and its whole rate
+must match ``1 / (1 / step rate + 1 / data rate)``.  The bench's data rate is per core (one thread); the
+loop's in-process loading gives torch's resize and batch step both threads, so its data part may be faster.
 """
 
 import json
@@ -14,9 +16,17 @@ bench = json.loads(Path(sys.argv[1]).read_text())
 step = next(r for r in bench["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
 data = next(r for r in bench["data_rows"] if r["split"] == "train" and r["backend"] == "ours-fast")
 expected = 1 / (1 / step["images_per_second"] + 1 / data["images_per_second"])
-rates = [float(rate) for rate in re.findall(r"([0-9.]+) img/s", Path(sys.argv[2]).read_text())]
+pattern = r"([0-9.]+) ms/step, ([0-9.]+) img/s, data wait ([0-9]+)%"
+ms_per_step, rate, wait = (float(v) for v in re.findall(pattern, Path(sys.argv[2]).read_text())[-1])
+batch = rate * ms_per_step / 1000
+compute_rate = batch / (ms_per_step * (1 - wait / 100) / 1000)
+loop_data_ms = ms_per_step * wait / 100 / batch
 print(
-    f"loop, last epoch: {rates[-1]:.1f} img/s; bench: step {step['images_per_second']:.1f} img/s, data "
-    f"{data['images_per_second']:.1f} img/s per core, one after the other {expected:.1f} img/s "
-    f"(loop / bench {rates[-1] / expected:.2f})"
+    f"loop, last epoch: {rate:.1f} img/s ({ms_per_step:.1f} ms/step, {wait:.0f} % waiting for data)\n"
+    f"  compute: loop {compute_rate:.1f} img/s, bench step {step['images_per_second']:.1f} img/s "
+    f"(spread {step['spread'][0]:.1f}..{step['spread'][1]:.1f}; "
+    f"loop / bench {compute_rate / step['images_per_second']:.2f})\n"
+    f"  data: loop {loop_data_ms:.2f} ms/image on 2 threads, bench {data['ms_per_image']:.2f} ms/image per core\n"
+    f"  whole: loop {rate:.1f} img/s, bench's step and per-core data one after the other {expected:.1f} img/s "
+    f"(loop / bench {rate / expected:.2f})"
 )

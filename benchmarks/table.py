@@ -2,43 +2,55 @@
 
     python benchmarks/table.py [benchmarks/results/cpu/bench.json] [benchmarks/results/mindcv_cpu.json]
 
-Ratios are taken only between rows of one file (one run); MindCV's rows come from their own run, with
-torchvision measured beside them, so MindCV is compared through that run's torchvision row.
+Ratios are taken only between rows of one file (one run), and where the JSON has each round's figure,
+as the median of the per-round ratios: the rows of a table take turns within every round, so a slow
+spell of the shared machine cancels out of a round's ratio.  MindCV's rows come from their own run,
+with torchvision measured beside them, so MindCV is compared through that run's torchvision row.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 MODELS = {"shufflenet_v2_x0_5": "x0.5", "shufflenet_v2_x1_0": "x1.0"}
 
 
+def ratio(row: dict, base: dict) -> float:
+    """``row`` over ``base``: the median per-round ratio when both carry their rounds, else of the medians."""
+    ours, theirs = row.get("rounds") or [], base.get("rounds") or []
+    if ours and len(ours) == len(theirs):
+        return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+    return row["images_per_second"] / base["images_per_second"]
+
+
 def inference(bench: dict) -> None:
-    rate = {(r["model"], r["batch"], r["backend"]): r["images_per_second"] for r in bench["rows"]}
+    by_key = {(r["model"], r["batch"], r["backend"]): r for r in bench["rows"]}
     backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime",
                 "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime"]  # fmt: skip
     print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best ours / tv ONNX Runtime |")
     print("|---" * (len(backends) + 3) + "|")
-    for model, batch in sorted({(m, b) for m, b, _ in rate}):
-        row = [rate.get((model, batch, b)) for b in backends]
-        ours_torch = max(rate[(model, batch, "ours-fused")], rate[(model, batch, "ours-fused-compiled")])
-        best = max(v for k, v in rate.items() if k[:2] == (model, batch) and k[2].startswith("ours"))
-        cells = " | ".join(f"{v:.1f}" if v else "" for v in row)
-        tv_eager, tv_ort = rate[(model, batch, "torchvision-eager")], rate[(model, batch, "torchvision-onnxruntime")]
-        print(f"| {MODELS[model]} b{batch} | {cells} | {ours_torch / tv_eager:.2f}x | {best / tv_ort:.2f}x |")
+    for model, batch in sorted({(m, b) for m, b, _ in by_key}):
+        rows = {b: by_key[(m, n, b)] for m, n, b in by_key if (m, n) == (model, batch)}
+        fastest = max(("ours-fused", "ours-fused-compiled"), key=lambda b: rows[b]["images_per_second"])
+        best = max((b for b in rows if b.startswith("ours")), key=lambda b: rows[b]["images_per_second"])
+        cells = " | ".join(f"{rows[b]['images_per_second']:.1f}" if b in rows else "" for b in backends)
+        to_eager = ratio(rows[fastest], rows["torchvision-eager"])
+        to_ort = ratio(rows[best], rows["torchvision-onnxruntime"])
+        print(f"| {MODELS[model]} b{batch} | {cells} | {to_eager:.2f}x | {to_ort:.2f}x |")
 
 
 def training(bench: dict, mindcv: dict | None) -> None:
     rows = bench["train_rows"]
-    base = next(r["images_per_second"] for r in rows if r["backend"] == "torchvision-eager")
+    base = next(r for r in rows if r["backend"] == "torchvision-eager")
     print("| training step, x0.5, batch 32 | img/s | / torchvision eager | loss vs torchvision (float32 noise) |")
     print("|---|---|---|---|")
     for r in rows:
         diff = r["max_relative_loss_difference"]
         check = f"{diff:.1e} ({r['float32_noise_floor']:.1e})" if diff is not None else "another function"
-        print(f"| {r['backend']} | {r['images_per_second']:.1f} | {r['images_per_second'] / base:.2f}x | {check} |")
+        print(f"| {r['backend']} | {r['images_per_second']:.1f} | {ratio(r, base):.2f}x | {check} |")
     if mindcv:
         ms = {(r["peer"], r["kind"], r["model"], r["batch"]): r["images_per_second"] for r in mindcv["rows"]}
         key = ("train", "shufflenet_v2_x0_5", 32)
@@ -61,11 +73,12 @@ def data(bench: dict) -> None:
     rows = bench["data_rows"]
     print("| input pipeline, per core | train img/s | / torchvision classic | eval img/s | / torchvision classic |")
     print("|---|---|---|---|---|")
-    rate = {(r["split"], r["backend"]): r["images_per_second"] for r in rows}
+    row = {(r["split"], r["backend"]): r for r in rows}
     for backend in dict.fromkeys(r["backend"] for r in rows):
-        train, evaluation = rate[("train", backend)], rate[("eval", backend)]
-        print(f"| {backend} | {train:.1f} | {train / rate[('train', 'torchvision-classic')]:.2f}x | "
-              f"{evaluation:.1f} | {evaluation / rate[('eval', 'torchvision-classic')]:.2f}x |")  # fmt: skip
+        train, evaluation = row[("train", backend)], row[("eval", backend)]
+        print(f"| {backend} | {train['images_per_second']:.1f} | "
+              f"{ratio(train, row[('train', 'torchvision-classic')]):.2f}x | {evaluation['images_per_second']:.1f} | "
+              f"{ratio(evaluation, row[('eval', 'torchvision-classic')]):.2f}x |")  # fmt: skip
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ class Row:
     spread: tuple[float, float]  # slowest and fastest round, images/s
     latency_ms: float  # median time per call
     setup_seconds: float  # export or compilation, excluded from the figures
+    # images/s of every round in order: rows of one (model, batch) share rounds, so ratios can be paired
+    rounds: list[float] = dataclasses.field(default_factory=list)
 
 
 def _calibrate(run: Callable[[], object], warmup: int, iterations: int) -> int:
@@ -149,7 +151,8 @@ def benchmark(
                 runs.append((run, _calibrate(run, warmup, iterations)))
             for backend, setup, rates in zip(backends, setups, interleaved_rounds(runs, batch, repeats), strict=True):
                 median = statistics.median(rates)
-                rows.append(Row(name, batch, backend, median, (min(rates), max(rates)), 1000 * batch / median, setup))
+                spread = (min(rates), max(rates))
+                rows.append(Row(name, batch, backend, median, spread, 1000 * batch / median, setup, rates))
                 print(_format_row(rows[-1]), flush=True)
     return {
         "rows": [dataclasses.asdict(r) for r in rows],

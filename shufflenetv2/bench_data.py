@@ -45,6 +45,7 @@ class DataRow:
     spread: tuple[float, float]
     ms_per_image: float
     images: int  # images per round
+    rounds: list[float] = dataclasses.field(default_factory=list)  # images/s per round, shared by the split's rows
 
 
 def torchvision_classic(root: Path, train: bool, size: int = 224) -> torch.utils.data.Dataset:
@@ -112,7 +113,8 @@ def benchmark_pipelines(
                     rates[index].append(count / (time.perf_counter() - start))
             for backend, measured in zip(backends, rates, strict=True):
                 median = statistics.median(measured)
-                rows.append(DataRow(split, backend, median, (min(measured), max(measured)), 1000 / median, count))
+                spread = (min(measured), max(measured))
+                rows.append(DataRow(split, backend, median, spread, 1000 / median, count, measured))
                 print(format_data_row(rows[-1]), flush=True)
     finally:
         torch.set_num_threads(threads)

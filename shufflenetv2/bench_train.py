@@ -45,6 +45,7 @@ class TrainRow:
     # the same measure for torchvision eager (float32, or the autocast in use) against itself in float64:
     # rounding alone moves this network's loss trajectory this much, so a difference of that order is "identical"
     float32_noise_floor: float
+    rounds: list[float] = dataclasses.field(default_factory=list)  # images/s per round, shared by the batch's rows
 
 
 def twin_networks(name: str, num_classes: int = 1000, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -151,7 +152,8 @@ def benchmark_training(
                 median = statistics.median(rates)
                 worst = None if backend in NOT_TORCHVISIONS_FUNCTION else relative_difference(losses, baseline)
                 spread = (min(rates), max(rates))
-                rows.append(TrainRow(name, batch, backend, median, spread, 1000 * batch / median, setup, worst, floor))
+                step_ms = 1000 * batch / median
+                rows.append(TrainRow(name, batch, backend, median, spread, step_ms, setup, worst, floor, rates))
                 print(format_train_row(rows[-1]), flush=True)
     return rows
 

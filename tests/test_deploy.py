@@ -12,7 +12,14 @@ from torch import nn
 
 from shufflenetv2 import create_model, save_weights
 from shufflenetv2.cli import main
-from shufflenetv2.deploy import FusedShuffleNetV2, PointwiseLinear, export_onnx, fold_batchnorm, fuse
+from shufflenetv2.deploy import (
+    FusedShuffleNetV2,
+    PointwiseLinear,
+    UnrolledDepthwise,
+    export_onnx,
+    fold_batchnorm,
+    fuse,
+)
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
 from .conftest import randomize_bn, shared_file
@@ -163,3 +170,25 @@ def test_fused_channels_last_model_runs_its_1x1_convolutions_as_matrix_products(
     assert sum(isinstance(m, PointwiseLinear) for m in fused.modules()) > 30
     nchw = fuse(_model("shufflenet_v2_x0_5", "mindcv"), channels_last=False)  # ONNX export keeps convolutions
     assert not any(isinstance(m, PointwiseLinear) for m in nchw.modules())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(7, 7), (8, 11)])
+def test_unrolled_depthwise_is_the_depthwise_convolution(stride: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(stride)
+    conv = nn.Conv2d(6, 6, 3, stride, 1, groups=6).double()
+    x = torch.randn(2, 6, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    got = UnrolledDepthwise(conv)(x)
+    assert got.shape == conv(x).shape
+    assert (got - conv(x)).abs().max() < 1e-12
+
+
+def test_compiled_fused_model_keeps_the_logits() -> None:
+    """fuse(compile=True) unrolls the depthwise convolutions for inductor: same logits (< 1e-4)."""
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    compiled = fuse(model, compile=True)
+    assert sum(isinstance(m, UnrolledDepthwise) for m in compiled.modules()) > 10
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = compiled(x.contiguous(memory_format=torch.channels_last))
+        assert (got - model(x)).abs().max() < 1e-4
