@@ -7,6 +7,8 @@ fixed permutation, so activations are kept "evens first" between blocks: the spl
 contiguous halves (no gather), the permutation moves into the weights that read or write those
 channels, and each block ends with one concatenation of four slices.  torchvision's layout keeps its
 explicit shuffle (its interleaving does not settle into one fixed storage order), with BN folded.
+On channels_last the 1x1 convolutions become matrix products (``PointwiseLinear``), and for
+``torch.compile`` the depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class TrainSampleTransform(_SampleTransform):
             drawn = _draw_params(self.erase, [_dims_only(3, self.size, self.size)])
             if drawn["v"] is not None:  # None: no box fitted in ten tries, nothing is erased
                 erase = [drawn["i"], drawn["j"], drawn["h"], drawn["w"]]
-        # one tensor from one list: writing the fields one by one into a tensor cost 0.1 ms per image
+        # laid out as BRIGHTNESS .. ERASE; one tensor from one list, as writing the fields one by one into a
+        # tensor cost about 0.07 ms per image
         params = torch.tensor([*factors, *order, *erase], dtype=torch.float32)
         return box, hflip, vflip, params
 
