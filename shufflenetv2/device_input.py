@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from .config import Config
-from .data import LoadedBatch, load_image
+from .data import LoadedBatch
 from .errors import DataError
 from .pipeline import (
     AugmentedImage,
@@ -33,7 +33,6 @@ from .pipeline import (
     EvalSampleTransform,
     TrainSampleTransform,
     build_batch_transform,
-    read_jpeg,
 )
 
 FINISHED = 0  # box height 0: ``data`` already holds the (3, S, S) result
@@ -77,41 +76,29 @@ def _finished(sample: AugmentedImage) -> EncodedImage:
 DEVICE_COLORSPACES = ("YCbCr", "Gray")  # what nvJPEG turns into RGB; CMYK/YCCK JPEGs go through PIL in the worker
 
 
-def _device_jpeg(path: str | os.PathLike[str]) -> tuple[bytes, int, int] | None:
-    """A JPEG the device can decode; None sends the file down the worker's path."""
-    found = read_jpeg(path)
-    if found is None or found[3] not in DEVICE_COLORSPACES:
-        return None
-    return found[:3]
+class _Encoded:
+    """Mixed into a sample transform: JPEGs the device can decode travel as bytes, all else finished."""
+
+    def _takes(self, colorspace: str) -> bool:
+        return colorspace in DEVICE_COLORSPACES
+
+    def __call__(self, image: Tensor) -> EncodedImage:
+        return _finished(super().__call__(image))  # type: ignore[misc]
 
 
-class EncodedTrainTransform(TrainSampleTransform):
+class EncodedTrainTransform(_Encoded, TrainSampleTransform):
     """The worker half for training: the draws of ``TrainSampleTransform``, no decoding."""
 
-    def from_file(self, path: str | os.PathLike[str]) -> EncodedImage:  # type: ignore[override]
-        found = _device_jpeg(path)
-        if found is None:
-            return self(load_image(path))
-        raw, height, width = found
+    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> EncodedImage:  # type: ignore[override]
         box, hflip, vflip, params = self._draw(height, width)
         return _encoded(raw, [box["top"], box["left"], box["height"], box["width"], hflip, vflip], params, path)
 
-    def __call__(self, image: Tensor) -> EncodedImage:  # type: ignore[override]
-        return _finished(super().__call__(image))
 
-
-class EncodedEvalTransform(EvalSampleTransform):
+class EncodedEvalTransform(_Encoded, EvalSampleTransform):
     """The worker half for evaluation: the whole image is decoded, resized and centre-cropped on the device."""
 
-    def from_file(self, path: str | os.PathLike[str]) -> EncodedImage:  # type: ignore[override]
-        found = _device_jpeg(path)
-        if found is None:
-            return self(load_image(path))
-        raw, height, width = found
+    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> EncodedImage:  # type: ignore[override]
         return _encoded(raw, [0, 0, height, width, 0, 0], self.identity, path)
-
-    def __call__(self, image: Tensor) -> EncodedImage:  # type: ignore[override]
-        return _finished(super().__call__(image))
 
 
 class DeviceDecoder:

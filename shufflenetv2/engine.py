@@ -144,28 +144,19 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    precision: Precision | None = None,
-    inputs: DeviceInput | None = None,
+    model: nn.Module, loader: torch.utils.data.DataLoader, inputs: DeviceInput, precision: Precision | None = None
 ) -> EvalResult:
     """Top-1, top-5 and mean cross-entropy over every sample of ``loader`` summed over all ranks.
 
-    ``inputs`` turns a loader batch into the model's input on ``device`` (see ``device_input``); without
-    it batches are the per-image pipeline's float tensors and are only moved.
+    ``inputs`` turns a loader batch into the model's input on its device (see ``device_input``).
     """
     model.eval()
+    device = inputs.device
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, loss sum, count, unreadable
     autocast = precision.autocast(device) if precision else contextlib.nullcontext()
     unreadable: list[str] = []
     for batch in loader:
-        if inputs is not None:
-            images, target, bad = inputs(batch)
-        else:
-            images, target, bad = batch.images, batch.targets, batch.unreadable
-            images = None if images is None else images.to(device, non_blocking=True)
-            target = None if target is None else target.to(device, non_blocking=True)
+        images, target, bad = inputs(batch)
         unreadable += bad
         if images is None:
             continue
@@ -401,7 +392,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, record: RunRecord | None) -> EvalResult | None:
         """Train one epoch, validate when due, record it and save; returns this epoch's evaluation."""
-        cfg, ctx, log = self.cfg, self.ctx, self.log
+        cfg, log = self.cfg, self.log
         train_start = time.perf_counter()
         train_loss, lr, unreadable = self._train_epoch(epoch)
         train_time = time.perf_counter() - train_start
@@ -417,7 +408,7 @@ class Trainer:
         evaluation, eval_time = None, 0.0
         if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
             eval_start = time.perf_counter()
-            evaluation = evaluate(self.eval_net, self.val_loader, ctx.device, self.precision, self.eval_inputs)
+            evaluation = evaluate(self.eval_net, self.val_loader, self.eval_inputs, self.precision)
             eval_time = time.perf_counter() - eval_start
             if cfg.mode == 0 and epoch == self.first_epoch:
                 log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
@@ -698,6 +689,6 @@ def validate(cfg: Config) -> EvalResult:
         net = torch.compile(model) if cfg.mode == 0 else model
         precision = Precision.from_config(cfg, ctx.device)
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
-        return evaluate(net, eval_loader(cfg, dataset, ctx), ctx.device, precision, inputs)
+        return evaluate(net, eval_loader(cfg, dataset, ctx), inputs, precision)
     finally:
         dist.cleanup()

@@ -126,10 +126,14 @@ class _SampleTransform:
     def from_file(self, path: str | os.PathLike[str]) -> AugmentedImage:
         """The sample for the file at ``path``; JPEGs take the fast decoder, everything else ``load_image``."""
         found = read_jpeg(path)
-        if found is None:
+        if found is None or not self._takes(found[3]):
             return self(load_image(path))
         raw, height, width, _ = found
         return self._from_jpeg(raw, path, height, width)
+
+    def _takes(self, colorspace: str) -> bool:
+        """Whether ``_from_jpeg`` handles a JPEG in this colour space (simplejpeg reads them all)."""
+        return True
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
         raise NotImplementedError
