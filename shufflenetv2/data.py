@@ -738,13 +738,10 @@ class LoadedBatch(NamedTuple):
 
 def _collate(items: list[Any], unreadable: tuple[str, ...]) -> LoadedBatch:
     first = items[0][0]
-    if hasattr(first, "collate_batch"):  # device_input.EncodedImage: files' bytes of different lengths
-        encoded = first.collate_batch([image for image, _ in items])
-        return LoadedBatch(encoded, default_collate([target for _, target in items]), unreadable, encoded.params)
+    if hasattr(first, "collate_batch"):  # pipeline.AugmentedImage, device_input.EncodedImage
+        images, params = first.collate_batch([image for image, _ in items])
+        return LoadedBatch(images, default_collate([target for _, target in items]), unreadable, params)
     images, targets = default_collate(items)
-    if isinstance(images, (tuple, list)):  # pipeline.AugmentedImage, collated field by field
-        pixels, params = images
-        return LoadedBatch(pixels, targets, unreadable, params)
     return LoadedBatch(images, targets, unreadable)
 
 

@@ -47,13 +47,11 @@ class EncodedImage(NamedTuple):
     source: str  # the file, for error messages
 
     @staticmethod
-    def collate_batch(samples: list[EncodedImage]) -> EncodedBatch:
-        return EncodedBatch(
-            [s.data for s in samples],
-            torch.stack([s.box for s in samples]),
-            torch.stack([s.params for s in samples]),
-            [s.source for s in samples],
-        )
+    def collate_batch(samples: list[EncodedImage]) -> tuple[EncodedBatch, Tensor]:
+        """The batch, and its parameters (also in it) for ``data.LoadedBatch``."""
+        params = torch.stack([s.params for s in samples])
+        boxes = torch.stack([s.box for s in samples])
+        return EncodedBatch([s.data for s in samples], boxes, params, [s.source for s in samples]), params
 
 
 class EncodedBatch(NamedTuple):

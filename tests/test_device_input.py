@@ -35,9 +35,10 @@ def batches(cfg: Config, train: bool) -> list[tuple[torch.Tensor, torch.Tensor, 
 
 def test_device_decoding_gives_the_workers_pixels(tmp_path: Path) -> None:
     """The same draws and the same libjpeg-turbo decode: the batches are those of worker decoding (at 40 px
-    no crop of these small files is large enough for the workers' reduced-scale decoding)."""
+    no crop of these small files is large enough for the workers' reduced-scale decoding; the workers'
+    fast IDCT, which the device decoders do not offer, is off)."""
     base = Config(dataset="imagefolder", data_dir=str(folder(tmp_path)), image_resize=40, batch_size=7,
-                  num_parallel_workers=0, drop_remainder=False, re_prob=0.5)  # fmt: skip
+                  num_parallel_workers=0, drop_remainder=False, re_prob=0.5, fast_dct=False)  # fmt: skip
     for train in (True, False):
         on_device = batches(dataclasses.replace(base, decode_on_device=True), train)
         in_workers = batches(base, train)

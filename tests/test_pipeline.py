@@ -168,6 +168,36 @@ def test_reduced_jpeg_decoding_gives_the_full_decodes_pixels(tmp_path: Path) -> 
     assert reduced == 12
 
 
+def test_fast_dct_moves_training_pixels_slightly_and_evaluation_not_at_all(tmp_path: Path) -> None:
+    path = write_jpeg(tmp_path / "a.jpg", 90, 120)
+    exact, fast = cfg_for(image_resize=64, fast_dct=False), cfg_for(image_resize=64)
+    assert fast.fast_dct  # the default
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = TrainSampleTransform(exact).from_file(path)
+        torch.manual_seed(seed)
+        b = TrainSampleTransform(fast).from_file(path)
+        assert torch.equal(a.params, b.params)
+        difference = (a.pixels.float() - b.pixels.float()).abs()
+        assert 0 < difference.mean() < 1.5 and difference.max() <= 16, seed
+    evaluated = [EvalSampleTransform(cfg).from_file(path).pixels for cfg in (exact, fast)]
+    assert torch.equal(*evaluated)
+
+
+def test_workers_hand_over_hwc_rows_and_batches_are_channels_last(tmp_path: Path) -> None:
+    """No worker copy reorders pixels: the samples stay in the resize's HWC order, collated they are a
+    channels_last batch, and the batch step's output equals that of a contiguous batch."""
+    cfg = cfg_for(image_resize=32)
+    samples = [TrainSampleTransform(cfg)(IMAGE) for _ in range(3)]
+    samples.append(EvalSampleTransform(cfg).from_file(write_jpeg(tmp_path / "b.jpg", 50, 40)))
+    assert all(s.pixels.permute(1, 2, 0).stride()[1:] == (3, 1) for s in samples)
+    pixels, params = samples[0].collate_batch(samples)
+    assert pixels.shape == (4, 3, 32, 32) and pixels.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pixels, torch.stack([s.pixels for s in samples]))
+    finish = BatchTransform(cfg, train=True)
+    assert torch.equal(finish(pixels, params), finish(pixels.contiguous(), params))
+
+
 def test_reduction_never_enlarges() -> None:
     assert reduction_for(447, 1000, 224) == 1
     assert reduction_for(448, 1000, 224) == 2
