@@ -16,8 +16,9 @@ input size (tested from 32 px up) and keep ``forward`` free of Python-side bookk
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .stem import StemPool, stem_forward
 
 # stage_out_channels[1:] of MindCV: stem, stage 2, stage 3, stage 4, conv5
 WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
@@ -28,7 +29,6 @@ WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
 }
 STAGE_REPEATS = (4, 8, 4)
 LAYOUTS = ("mindcv", "torchvision")
-STEM_POOLS = ("same", "symmetric")
 
 
 def _dw_conv(channels: int, stride: int) -> nn.Conv2d:
@@ -74,56 +74,6 @@ def _stem_conv(in_channels: int, out_channels: int) -> nn.Sequential:
 
 def _head_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(_pw_conv(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
-def same_max_pool(x: torch.Tensor) -> torch.Tensor:
-    """3x3/2 max-pool with "same" padding, without materialising the padding.
-
-    On an even axis the one -inf row after is what ceil_mode's last, partial window sees; on an odd
-    axis it is the symmetric pool.  Same values and gradients as F.pad + max_pool2d (tested), minus a
-    copy of the stem's output each way, about 15 % of a CPU training step at 224 px.
-    """
-    return F.max_pool2d(x, 3, 2, padding=(x.shape[-2] % 2, x.shape[-1] % 2), ceil_mode=True)
-
-
-class StemPool(nn.Module):
-    """3x3/2 max-pool with either MindSpore's "same" padding or PyTorch's symmetric padding of 1.
-
-    "same" pads ``1 + n % 2`` in total per axis, the odd one after: (0, 1) on even sizes, (1, 1) on
-    odd ones.  On odd sizes it therefore equals the symmetric pool; on even sizes (224 px inputs)
-    the two differ and so do the logits.
-    """
-
-    def __init__(self, padding: str = "same") -> None:
-        super().__init__()
-        if padding not in STEM_POOLS:
-            raise ValueError(f"stem pool padding must be one of {STEM_POOLS}, got {padding!r}")
-        self.padding = padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding == "symmetric":
-            return F.max_pool2d(x, 3, 2, 1)
-        if torch.onnx.is_in_onnx_export():  # one MaxPool node, right for any input size (see _SamePoolOnnx)
-            return _SamePoolOnnx.apply(x)
-        return same_max_pool(x)
-
-    def extra_repr(self) -> str:
-        return f"padding={self.padding!r}"
-
-
-class _SamePoolOnnx(torch.autograd.Function):
-    """The "same" stem pool for ONNX export: ``MaxPool(auto_pad=SAME_UPPER)`` is MindSpore's "same" by
-    definition (the odd padding pixel after), and ONNX Runtime keeps it in its blocked NCHWc layout.
-    An explicit ``Pad`` there costs a round trip out of that layout, about a fifth of the whole graph's
-    time at batch 32 (measured with ORT's profiler)."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return same_max_pool(x)
-
-    @staticmethod
-    def symbolic(g: object, x: object) -> object:
-        return g.op("MaxPool", x, kernel_shape_i=[3, 3], strides_i=[2, 2], auto_pad_s="SAME_UPPER")
 
 
 class EvenOddSplit(torch.autograd.Function):
@@ -237,7 +187,7 @@ class ShuffleNetV2(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_last(self.features(self.max_pool(self.first_conv(x))))
+        return self.conv_last(self.features(stem_forward(self.first_conv, self.max_pool, x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x).mean((2, 3)))
@@ -271,7 +221,7 @@ class ShuffleNetV2Torchvision(nn.Module):
         self.fc = nn.Linear(last, num_classes, bias=classifier_bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
+        x = stem_forward(self.conv1, self.maxpool, x)
         return self.conv5(self.stage4(self.stage3(self.stage2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
