@@ -134,7 +134,12 @@ class FusedShuffleNetV2(nn.Module):
         self.classifier = model.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_last(self.features(self.max_pool(self.first_conv(x))))
+        if torch.onnx.is_in_onnx_export():  # ONNX Runtime fuses Conv + Relu, so keep them adjacent there
+            x = self.max_pool(self.first_conv(x))
+        else:  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter of the stem
+            conv, _, relu = self.first_conv
+            x = relu(self.max_pool(conv(x)))
+        x = self.conv_last(self.features(x))
         return self.classifier(x.mean((2, 3)))
 
 
