@@ -1,10 +1,16 @@
-"""Does the training loop's own img/s agree with the bench?  Usage: loop_check.py BENCH.json train_rank0.log
+"""Does the training loop's own img/s agree with the bench?
+
+Usage: loop_check.py BENCH.json train_rank0.log [ADJACENT.json]
 
 With no loader workers the loop loads each batch, then trains on it, and logs both its ms/step and the
 share of it spent waiting for data.  So its compute rate, ``batch / (ms/step * (1 - data wait))``, must
 match the bench's ``ours-mindcv-channels-last`` train row (the network train.py trains), and its whole rate
 must match ``1 / (1 / step rate + 1 / data rate)``.  The bench's data rate is per core (one thread); the
 loop's in-process loading gives torch's resize and batch step both threads, so its data part may be faster.
+
+This machine's speed drifts by a quarter within minutes, for every backend alike (which is why the bench
+reports ratios), so ADJACENT.json, a train row measured in the seconds right after the loop, is the
+like-for-like comparison of the compute part.
 """
 
 import json
@@ -30,3 +36,11 @@ print(
     f"  whole: loop {rate:.1f} img/s, bench's step and per-core data one after the other {expected:.1f} img/s "
     f"(loop / bench {rate / expected:.2f})"
 )
+if len(sys.argv) > 3:
+    adjacent = json.loads(Path(sys.argv[3]).read_text())
+    near = next(r for r in adjacent["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
+    print(
+        f"  compute against the bench run right after the loop: {near['images_per_second']:.1f} img/s "
+        f"(spread {near['spread'][0]:.1f}..{near['spread'][1]:.1f}; "
+        f"loop / bench {compute_rate / near['images_per_second']:.2f})"
+    )
