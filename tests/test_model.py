@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from shufflenetv2 import build_network, create_model
-from shufflenetv2.model import WIDTHS, StemPool
+from shufflenetv2.model import WIDTHS, StemPool, global_average
 
 from .conftest import logits, randomize_bn
 
@@ -145,3 +145,15 @@ def test_same_stem_pool_is_the_padded_pool(shape: tuple[int, ...]) -> None:
     weights = torch.randn_like(expected)
     assert torch.equal(got, expected)
     assert torch.equal(*(torch.autograd.grad((y * weights).sum(), x)[0] for y in (got, expected)))
+
+
+def test_global_average_is_the_mean_and_its_gradient_a_broadcast_view() -> None:
+    x = torch.randn(4, 16, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.no_grad():
+        reference = x.mean((2, 3))
+    assert torch.equal(global_average(x), reference)
+    grad = torch.randn(4, 16)
+    (mean_grad,) = torch.autograd.grad(x.mean((2, 3)), x, grad)
+    (ours,) = torch.autograd.grad(global_average(x), x, grad)
+    assert torch.equal(ours, mean_grad)
+    assert ours.stride()[2:] == (0, 0)  # no NCHW tensor to meet the channels_last activations
