@@ -18,8 +18,21 @@ import re
 import sys
 from pathlib import Path
 
+
+def step_row(bench: dict) -> dict:
+    """The train row of the network train.py trains."""
+    return next(r for r in bench["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
+
+
+def against(row: dict, rate: float) -> str:
+    """A bench row's rate and spread, and the loop's ``rate`` over it."""
+    low, high = row["spread"]
+    bench_rate = row["images_per_second"]
+    return f"{bench_rate:.1f} img/s (spread {low:.1f}..{high:.1f}; loop / bench {rate / bench_rate:.2f})"
+
+
 bench = json.loads(Path(sys.argv[1]).read_text())
-step = next(r for r in bench["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
+step = step_row(bench)
 data = next(r for r in bench["data_rows"] if r["split"] == "train" and r["backend"] == "ours-fast")
 expected = 1 / (1 / step["images_per_second"] + 1 / data["images_per_second"])
 pattern = r"([0-9.]+) ms/step, ([0-9.]+) img/s, data wait ([0-9]+)%"
@@ -29,18 +42,11 @@ compute_rate = batch / (ms_per_step * (1 - wait / 100) / 1000)
 loop_data_ms = ms_per_step * wait / 100 / batch
 print(
     f"loop, last epoch: {rate:.1f} img/s ({ms_per_step:.1f} ms/step, {wait:.0f} % waiting for data)\n"
-    f"  compute: loop {compute_rate:.1f} img/s, bench step {step['images_per_second']:.1f} img/s "
-    f"(spread {step['spread'][0]:.1f}..{step['spread'][1]:.1f}; "
-    f"loop / bench {compute_rate / step['images_per_second']:.2f})\n"
+    f"  compute: loop {compute_rate:.1f} img/s, bench step {against(step, compute_rate)}\n"
     f"  data: loop {loop_data_ms:.2f} ms/image on 2 threads, bench {data['ms_per_image']:.2f} ms/image per core\n"
     f"  whole: loop {rate:.1f} img/s, bench's step and per-core data one after the other {expected:.1f} img/s "
     f"(loop / bench {rate / expected:.2f})"
 )
 if len(sys.argv) > 3:
-    adjacent = json.loads(Path(sys.argv[3]).read_text())
-    near = next(r for r in adjacent["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
-    print(
-        f"  compute against the bench run right after the loop: {near['images_per_second']:.1f} img/s "
-        f"(spread {near['spread'][0]:.1f}..{near['spread'][1]:.1f}; "
-        f"loop / bench {compute_rate / near['images_per_second']:.2f})"
-    )
+    near = step_row(json.loads(Path(sys.argv[3]).read_text()))
+    print(f"  compute against the bench run right after the loop: {against(near, compute_rate)}")

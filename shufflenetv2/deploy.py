@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -177,17 +178,28 @@ class PointwiseLinear(nn.Module):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}"
 
 
+def _replace_convs(
+    module: nn.Module, matches: Callable[[nn.Conv2d], bool], make: Callable[[nn.Conv2d], nn.Module]
+) -> nn.Module:
+    """Every Conv2d below ``module`` that ``matches`` is replaced, in place, by ``make(conv)``."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and matches(child):
+            setattr(module, name, make(child))
+        else:
+            _replace_convs(child, matches, make)
+    return module
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return (
+        conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
+    )  # fmt: skip
+
+
 def pointwise_as_linear(module: nn.Module) -> nn.Module:
     """Every 1x1, stride-1, ungrouped, unpadded Conv2d below ``module`` becomes a ``PointwiseLinear``."""
-    for name, child in module.named_children():
-        if (
-            isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and child.stride == (1, 1)
-            and child.groups == 1 and child.padding in ((0, 0), "valid") and child.dilation == (1, 1)
-        ):  # fmt: skip
-            setattr(module, name, PointwiseLinear(child))
-        else:
-            pointwise_as_linear(child)
-    return module
+    return _replace_convs(module, _is_pointwise, PointwiseLinear)
 
 
 class UnrolledDepthwise(nn.Module):
@@ -219,18 +231,17 @@ class UnrolledDepthwise(nn.Module):
         return out
 
 
+def _is_depthwise_3x3(conv: nn.Conv2d) -> bool:
+    return (
+        conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.stride in ((1, 1), (2, 2))
+        and conv.padding_mode == "zeros"
+    )  # fmt: skip
+
+
 def unroll_depthwise(module: nn.Module) -> nn.Module:
     """Every 3x3 depthwise Conv2d with padding 1 below ``module`` becomes an ``UnrolledDepthwise``."""
-    for name, child in module.named_children():
-        if (
-            isinstance(child, nn.Conv2d) and child.groups == child.in_channels == child.out_channels
-            and child.kernel_size == (3, 3) and child.padding == (1, 1) and child.dilation == (1, 1)
-            and child.stride in ((1, 1), (2, 2)) and child.padding_mode == "zeros"
-        ):  # fmt: skip
-            setattr(module, name, UnrolledDepthwise(child))
-        else:
-            unroll_depthwise(child)
-    return module
+    return _replace_convs(module, _is_depthwise_3x3, UnrolledDepthwise)
 
 
 def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
