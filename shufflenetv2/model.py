@@ -92,13 +92,18 @@ class EvenOddSplit(torch.autograd.Function):
     adds them; under channels_last the NCHW gradient then meets NHWC activations in every ReLU and
     BatchNorm backward, which run several times slower on such mixed layouts (measured on CPU).  Here
     the two gradients are written once into one tensor laid out like ``x``.
+
+    The odd channels feed the branch's first convolution, which needs them dense: copied here once, laid
+    out like ``x``, rather than by the convolution in its forward and again in its backward (it saves the
+    strided view).  The even channels go only into the concatenation, which reads them where they are.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
         ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return x[:, 0::2], x[:, 1::2]
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return x[:, 0::2], x[:, 1::2].contiguous(memory_format=layout)
 
     @staticmethod
     def backward(

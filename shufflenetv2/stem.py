@@ -1,5 +1,5 @@
 """The stem's max-pool (MindSpore's "same" padding or PyTorch's symmetric one) and, for CPU training, the
-stem's BatchNorm, ReLU and pool in one autograd function that pools first.
+stem's convolution, BatchNorm, ReLU and pool in one autograd function that pools first.
 
 At batch 32 and 224 px the stem's 24-channel 112 x 112 activation is 38.5 MB, about 30 % of all the
 BatchNorm data of a step, and its BatchNorm, ReLU and max-pool, forward and backward, take a quarter of
@@ -7,9 +7,9 @@ a CPU training step.  BatchNorm's affine map ``scale * z + shift`` (``scale = we
 when ``scale > 0`` and ReLU is increasing, so ``maxpool(relu(scale * z + shift)) ==
 relu(scale * maxpool(z) + shift)`` exactly, rounding included.  Pooling the convolution's output first
 leaves the affine map and the ReLU a quarter of the data; in the backward, BatchNorm's sums over the
-gradient (zero except at the pooled maxima) are sums over the pooled tensor, and the input gradient is
-one scatter plus one per-channel affine function of ``z``.  Batch statistics, running statistics and
-gradients are BatchNorm's (float64 tests: 1e-10).
+gradient (zero except at the pooled maxima) are sums over the pooled tensor, and the gradient of ``z``
+is one per-channel affine function of ``z`` plus one scatter, written into ``z``'s own memory.  Batch
+statistics, running statistics and gradients are BatchNorm's (float64 tests: 1e-10).
 """
 
 from __future__ import annotations
@@ -81,68 +81,94 @@ class _SamePoolOnnx(torch.autograd.Function):
 
 
 def stem_forward(conv_bn_relu: nn.Sequential, pool: StemPool, x: torch.Tensor) -> torch.Tensor:
-    """``pool(conv_bn_relu(x))``; BatchNorm, ReLU and pool are one pooling-first function when that is
-    exact and pays: CPU training in float32/float64 with plain BatchNorm and every weight positive.
+    """``pool(conv_bn_relu(x))``; convolution, BatchNorm, ReLU and pool are one pooling-first function when
+    that is exact and pays: CPU training in float32/float64 with plain BatchNorm and every weight positive.
 
     Elsewhere ``conv_bn_relu`` and ``pool`` run as they are: on GPUs (fast BatchNorm kernels, and the
     weight check would synchronise), under autocast, torch.compile (inductor fuses them itself) or FX
-    tracing, for SyncBatchNorm, and when a weight is not positive (that channel's map decreases, and
-    the pool would have to take minima).  In the fused path forward hooks on ``conv_bn_relu`` do not run.
+    tracing, for SyncBatchNorm, when a weight is not positive (that channel's map decreases, and the pool
+    would have to take minima), and when the convolution has forward hooks (they would see its output,
+    whose memory the fused backward reuses).  In the fused path hooks on ``conv_bn_relu`` do not run.
     """
     conv, bn, _ = conv_bn_relu
-    if not _pools_first(bn, x):
+    if not _pools_first(conv, bn, x):
         return pool(conv_bn_relu(x))
-    z = conv(x)
     bn.num_batches_tracked.add_(1)  # what BatchNorm's forward does before normalising
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    padding, ceil_mode = _pool_geometry(pool.padding, z)
-    return _BatchNormReLUPool.apply(
-        z, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, padding, ceil_mode
-    )
+    conv_geometry = (conv.stride, conv.padding)
+    return _ConvBatchNormReLUPool.apply(
+        x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+        conv_geometry, pool.padding,
+    )  # fmt: skip
 
 
-def _pools_first(bn: nn.Module, x: torch.Tensor) -> bool:
+def _plain_conv(conv: nn.Module) -> bool:
+    """A bias-free, ungrouped, zero-padded Conv2d whose output nothing else sees (no forward hooks)."""
+    return (
+        type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+        and not (conv._forward_hooks or conv._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )  # fmt: skip
+
+
+def _pools_first(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``stem_forward`` takes the pooling-first function for the stem input ``x``."""
     return (
-        type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
+        _plain_conv(conv) and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
         and not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling()
         and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu") and bool((bn.weight > 0).all())
     )  # fmt: skip
 
 
-class _BatchNormReLUPool(torch.autograd.Function):
-    """``maxpool(relu(batch_norm(z)))`` in training mode, computed as ``relu(scale * maxpool(z) + shift)``."""
+class _ConvBatchNormReLUPool(torch.autograd.Function):
+    """``maxpool(relu(batch_norm(conv(x))))`` in training mode, computed as ``relu(scale * maxpool(z) + shift)``
+    with ``z = conv(x)``.
+
+    ``z`` (38.5 MB at batch 32, 224 px) lives only in here, so the backward writes the gradient of ``z``
+    into ``z``'s own memory: a fresh tensor that large comes from the system page by page (too large
+    for the allocator to keep), and zero-filling one for ``max_pool2d_with_indices_backward`` took
+    longer than the rest of this backward together.  A second backward through a retained graph
+    recomputes ``z``.
+    """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        z: torch.Tensor,
+        x: torch.Tensor,
+        conv_weight: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor,
         running_mean: torch.Tensor,
         running_var: torch.Tensor,
         momentum: float,
         eps: float,
-        padding: list[int],
-        ceil_mode: bool,
+        conv_geometry: tuple[tuple[int, int], tuple[int, int]],
+        pool_padding: str,
     ) -> torch.Tensor:
+        stride, padding = conv_geometry
+        z = F.conv2d(x, conv_weight, None, stride, padding)
         # BatchNorm's own statistics kernel; it also updates the running mean and (unbiased) variance
         mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
         invstd = torch.rsqrt(var + eps)
         scale = weight * invstd
         shift = bias - mean * scale  # BatchNorm's CPU kernel computes scale * z + shift, as here
-        pooled, indices = torch.ops.aten.max_pool2d_with_indices(z, [3, 3], [2, 2], padding, [1, 1], ceil_mode)
+        pool_pads, ceil_mode = _pool_geometry(pool_padding, z)
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(z, [3, 3], [2, 2], pool_pads, [1, 1], ceil_mode)
         out = torch.addcmul(shift.view(1, -1, 1, 1), pooled, scale.view(1, -1, 1, 1)).relu_()
-        ctx.save_for_backward(z, pooled, indices, out, weight, mean, invstd)
-        ctx.geometry, ctx.eps = (padding, ceil_mode), eps
+        ctx.save_for_backward(x, conv_weight, pooled, indices, out, weight, mean, invstd)
+        ctx.z, ctx.conv_geometry, ctx.eps = z, conv_geometry, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        z, pooled, indices, out, weight, mean, invstd = ctx.saved_tensors
-        padding, ceil_mode = ctx.geometry
+        x, conv_weight, pooled, indices, out, weight, mean, invstd = ctx.saved_tensors
+        stride, padding = ctx.conv_geometry
+        z, ctx.z = ctx.z, None
+        if z is None:  # the first backward turned z into its gradient
+            z = F.conv2d(x, conv_weight, None, stride, padding)
         grad = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's
         # BatchNorm's gradient sums over z: the gradient is zero off the pooled maxima, so they are sums
         # over the pooled tensor (a position two windows share counts twice, as its gradient does)
@@ -152,11 +178,29 @@ class _BatchNormReLUPool(torch.autograd.Function):
         count = z.numel() // z.shape[1]
         scale = weight * invstd
         # dL/dz = scale * (g - sum(g) / n - zhat * sum(g * zhat) / n), zhat = (z - mean) * invstd:
-        # the scattered scale * g plus a per-channel affine function c1 * z + c0
+        # a per-channel affine function c1 * z + c0, plus scale * g added where the pool took its maxima
         c1 = -scale * invstd * grad_weight / count
         c0 = -scale * grad_bias / count - c1 * mean
-        grad_z = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad * scale.view(1, -1, 1, 1), z, [3, 3], [2, 2], padding, [1, 1], ceil_mode, indices
+        grad_z = z.mul_(c1.view(1, -1, 1, 1)).add_(c0.view(1, -1, 1, 1))
+        # indices count positions within each (image, channel) plane: flattened, they index its pixels
+        _scatter_add_planes(grad_z, indices, grad * scale.view(1, -1, 1, 1))
+        grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+            grad_z, x, conv_weight, None, stride, padding, [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )  # fmt: skip
+        return grad_x, grad_conv_weight, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _scatter_add_planes(target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """``target[n, c].view(-1)[indices[n, c]] += values[n, c]`` (the max-pool's backward, accumulated).
+
+    The scatter runs along the pixels of a (N, pixels, C) view for channels_last tensors and of an
+    (N, C, pixels) one otherwise: along the axis that is not innermost in memory.  Along the other one
+    torch's kernel took twice as long on the stem's 38.5 MB."""
+    n, c = target.shape[:2]
+    if target.is_contiguous(memory_format=torch.channels_last) and not target.is_contiguous():
+        target.permute(0, 2, 3, 1).view(n, -1, c).scatter_add_(  # a view: the sums land in target
+            1, indices.permute(0, 2, 3, 1).reshape(n, -1, c), values.permute(0, 2, 3, 1).reshape(n, -1, c)
         )
-        grad_z.addcmul_(z, c1.view(1, -1, 1, 1)).add_(c0.view(1, -1, 1, 1))
-        return grad_z, grad_weight, grad_bias, None, None, None, None, None, None
+    else:
+        target.view(n, c, -1).scatter_add_(2, indices.reshape(n, c, -1), values.reshape(n, c, -1))

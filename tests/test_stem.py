@@ -48,7 +48,7 @@ def test_pooling_first_is_batchnorm_relu_pool(padding: str, size: int, channels_
     x = torch.randn(4, 3, size, size, dtype=torch.float64).contiguous(memory_format=layout)
     with torch.no_grad():
         grad = torch.randn_like(pool(modules(x)))
-    assert stem._pools_first(copy.deepcopy(modules)[1], x)  # the fused path is the one taken
+    assert stem._pools_first(*copy.deepcopy(modules)[:2], x)  # the fused path is the one taken
     expected, got = run(modules, pool, x, grad, fused=False), run(modules, pool, x, grad, fused=True)
     assert (expected["out"] > 0).float().mean() > 0.3  # ReLU really cuts (and really passes)
     for key, value in expected.items():
@@ -77,21 +77,76 @@ def test_momentum_none_is_the_cumulative_average() -> None:
 def test_the_modules_run_as_they_are_where_pooling_first_is_not_exact_or_not_worth_it() -> None:
     modules = stem_modules().float()
     x = torch.randn(2, 3, 16, 16)
-    assert stem._pools_first(modules[1], x)
+    assert stem._pools_first(*modules[:2], x)
     negative = copy.deepcopy(modules)
     with torch.no_grad():
         negative[1].weight[2] = -0.5  # that channel's map decreases: max-pooling z first would be wrong
-    assert not stem._pools_first(negative[1], x)
-    assert not stem._pools_first(copy.deepcopy(modules).eval()[1], x)  # running statistics: plain modules
-    assert not stem._pools_first(modules[1], x.half())
+    assert not stem._pools_first(*negative[:2], x)
+    assert not stem._pools_first(*copy.deepcopy(modules).eval()[:2], x)  # running statistics: plain modules
+    assert not stem._pools_first(*modules[:2], x.half())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not stem._pools_first(modules[1], x)
+        assert not stem._pools_first(*modules[:2], x)
     sync = nn.SyncBatchNorm(6)
-    assert not stem._pools_first(sync, x)
+    assert not stem._pools_first(modules[0], sync, x)
     # the negative-weight network still computes BatchNorm -> ReLU -> pool
     pool = StemPool("same")
     with torch.no_grad():
         assert torch.equal(stem_forward(copy.deepcopy(negative), pool, x), pool(copy.deepcopy(negative)(x)))
+
+
+def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("target_last", [False, True])
+@pytest.mark.parametrize("values_last", [False, True])
+def test_the_scatter_is_max_pool_backward_accumulated(target_last: bool, values_last: bool) -> None:
+    """In either layout of the target and of the gradient (the scatter must land in the target itself)."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 5, 9, 11, dtype=torch.float64)
+    z[:, :, 2:5, 2:5] = 1.0  # ties, and positions that two windows share
+    pooled, indices = torch.ops.aten.max_pool2d_with_indices(z, [3, 3], [2, 2], [1, 1], [1, 1], True)
+    values = torch.randn_like(pooled)
+    expected = torch.ops.aten.max_pool2d_with_indices_backward(values, z, [3, 3], [2, 2], [1, 1], [1, 1], True, indices)
+    target = as_layout(torch.full_like(z, 0.5), target_last)
+    stem._scatter_add_planes(target, as_layout(indices, target_last), as_layout(values, values_last))
+    assert torch.allclose(target, expected + 0.5, rtol=0, atol=1e-12)
+
+
+def test_a_second_backward_through_a_retained_graph_recomputes_the_convolution() -> None:
+    """The first backward writes the gradient of z into z's memory; the second must not see that."""
+    modules, pool = stem_modules(), StemPool("same")
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    fused, plain = copy.deepcopy(modules), copy.deepcopy(modules)
+    out = stem_forward(fused, pool, x)
+    out.backward(grad, retain_graph=True)
+    first = (x.grad.clone(), fused[0].weight.grad.clone(), fused[1].weight.grad.clone())
+    out.backward(grad)  # accumulates: twice the first backward's gradients
+    x_plain = x.detach().clone().requires_grad_()
+    pool(plain(x_plain)).backward(grad)
+    accumulated = (x.grad, fused[0].weight.grad, fused[1].weight.grad)
+    reference = (x_plain.grad, plain[0].weight.grad, plain[1].weight.grad)
+    for got, once, expected in zip(accumulated, first, reference, strict=True):
+        assert torch.allclose(once, expected, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got, 2 * expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_convolution_others_can_see_or_that_is_not_plain_takes_the_modules() -> None:
+    """Forward hooks on the convolution see its output, whose memory the fused backward reuses."""
+    modules, pool = stem_modules().float(), StemPool("same")
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    handle = modules[0].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    assert not stem._pools_first(*modules[:2], x)
+    out = stem_forward(modules, pool, x)
+    out.sum().backward()
+    assert len(seen) == 1 and torch.equal(out, pool(modules[1:](seen[0])))  # the hook's tensor is intact
+    handle.remove()
+    assert stem._pools_first(*modules[:2], x)
+    biased = nn.Conv2d(3, 6, 3, 2, 1)
+    assert not stem._pools_first(biased, modules[1], x)
+    assert not stem._pools_first(nn.Conv2d(3, 6, 3, 2, 1, bias=False, padding_mode="reflect"), modules[1], x)
 
 
 @pytest.mark.parametrize("layout", ["mindcv", "torchvision"])
@@ -103,7 +158,7 @@ def test_networks_train_through_it(layout: str) -> None:
     plain = copy.deepcopy(net)
     plain.forward_features = lambda x: _features_without_fusion(plain, x)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    assert stem._pools_first(stem_seq[1], x)
+    assert stem._pools_first(*stem_seq[:2], x)
     for model in (net, plain):
         model(x).logsumexp(1).sum().backward()
     for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
