@@ -197,7 +197,7 @@ def _scatter_add_planes(target: torch.Tensor, indices: torch.Tensor, values: tor
 
     The scatter runs along the pixels of a (N, pixels, C) view for channels_last tensors and of an
     (N, C, pixels) one otherwise: along the axis that is not innermost in memory.  Along the other one
-    torch's kernel took twice as long on the stem's 38.5 MB."""
+    torch's kernel took about three times as long on the stem's 38.5 MB (19 against 5.6 ms)."""
     n, c = target.shape[:2]
     if target.is_contiguous(memory_format=torch.channels_last) and not target.is_contiguous():
         target.permute(0, 2, 3, 1).view(n, -1, c).scatter_add_(  # a view: the sums land in target
