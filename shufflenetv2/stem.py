@@ -131,7 +131,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
     a zero-filled 38.5 MB tensor, ``max_pool2d_with_indices_backward`` and two more passes.  That is a
     38.5 MB smaller peak and 11.3 -> 9.7 ms at that size with ``host_memory.keep_freed_memory`` (the
     default); where malloc hands such blocks back to the system, the fresh tensor's page faults made
-    it 23 ms.  A second backward through a retained graph recomputes ``z``.
+    it 23–29 ms.  A second backward through a retained graph recomputes ``z``.
     """
 
     @staticmethod
