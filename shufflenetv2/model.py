@@ -101,16 +101,15 @@ class EvenOddSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        return x[:, 0::2], x[:, 1::2].contiguous(memory_format=layout)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
+        return x[:, 0::2], x[:, 1::2].contiguous(memory_format=ctx.layout)
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_evens: torch.Tensor | None, grad_odds: torch.Tensor | None
     ) -> torch.Tensor:
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=layout)
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=ctx.layout)
         grad[:, 0::2] = 0 if grad_evens is None else grad_evens
         grad[:, 1::2] = 0 if grad_odds is None else grad_odds
         return grad
