@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .batchnorm import BatchNorm2d
 from .config import Config, ConfigError
 
 _host_group: object | None = None  # gloo group for host-side votes (see any_rank)
@@ -128,7 +129,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-class AllReduceBatchNorm2d(torch.nn.BatchNorm2d):
+class AllReduceBatchNorm2d(BatchNorm2d):
     """BatchNorm over the global batch for CPU/gloo, where ``nn.SyncBatchNorm`` refuses to run.
 
     The per-channel sum, then the sum of squared deviations, are all-reduced (with autograd, so gradients
@@ -165,7 +166,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
     if device.type != "cpu":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) is torch.nn.BatchNorm2d:
+        if type(child) in (torch.nn.BatchNorm2d, BatchNorm2d):
             replacement = AllReduceBatchNorm2d(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )

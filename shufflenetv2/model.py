@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batchnorm import BatchNorm2d
 from .stem import StemPool, stem_forward
 
 # stage_out_channels[1:] of MindCV: stem, stage 2, stage 3, stage 4, conv5
@@ -43,12 +44,12 @@ def _main_branch(in_channels: int, mid_channels: int, out_channels: int, stride:
     """1x1 -> BN -> ReLU -> dw3x3 -> BN -> 1x1 -> BN -> ReLU; indices match both libraries' names."""
     return nn.Sequential(
         _pw_conv(in_channels, mid_channels),
-        nn.BatchNorm2d(mid_channels),
+        BatchNorm2d(mid_channels),
         nn.ReLU(inplace=True),
         _dw_conv(mid_channels, stride),
-        nn.BatchNorm2d(mid_channels),
+        BatchNorm2d(mid_channels),
         _pw_conv(mid_channels, out_channels),
-        nn.BatchNorm2d(out_channels),
+        BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -57,9 +58,9 @@ def _proj_branch(in_channels: int, out_channels: int) -> nn.Sequential:
     """dw3x3/2 -> BN -> 1x1 -> BN -> ReLU, the shortcut side of a stride-2 block."""
     return nn.Sequential(
         _dw_conv(in_channels, 2),
-        nn.BatchNorm2d(in_channels),
+        BatchNorm2d(in_channels),
         _pw_conv(in_channels, out_channels),
-        nn.BatchNorm2d(out_channels),
+        BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -67,13 +68,13 @@ def _proj_branch(in_channels: int, out_channels: int) -> nn.Sequential:
 def _stem_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
 
 def _head_conv(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(_pw_conv(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(_pw_conv(in_channels, out_channels), BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def global_average(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .batchnorm import BatchNorm2d, batch_statistics, gradient_sums
+
 STEM_POOLS = ("same", "symmetric")
 
 
@@ -115,7 +117,8 @@ def _plain_conv(conv: nn.Module) -> bool:
 def _pools_first(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``stem_forward`` takes the pooling-first function for the stem input ``x``."""
     return (
-        _plain_conv(conv) and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
+        _plain_conv(conv) and type(bn) in (nn.BatchNorm2d, BatchNorm2d)
+        and bn.training and bn.track_running_stats and bn.affine
         and not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling()
         and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu") and bool((bn.weight > 0).all())
@@ -150,22 +153,21 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
     ) -> torch.Tensor:
         stride, padding = conv_geometry
         z = F.conv2d(x, conv_weight, None, stride, padding)
-        # BatchNorm's own statistics kernel; it also updates the running mean and (unbiased) variance
-        mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
+        mean, var = batch_statistics(z, running_mean, running_var, momentum)  # running ones updated too
         invstd = torch.rsqrt(var + eps)
         scale = weight * invstd
         shift = bias - mean * scale  # BatchNorm's CPU kernel computes scale * z + shift, as here
         pool_pads, ceil_mode = _pool_geometry(pool_padding, z)
         pooled, indices = torch.ops.aten.max_pool2d_with_indices(z, [3, 3], [2, 2], pool_pads, [1, 1], ceil_mode)
         out = torch.addcmul(shift.view(1, -1, 1, 1), pooled, scale.view(1, -1, 1, 1)).relu_()
-        ctx.save_for_backward(x, conv_weight, pooled, indices, out, weight, mean, invstd)
+        ctx.save_for_backward(x, conv_weight, pooled, indices, out, weight, mean, var)
         ctx.z, ctx.conv_geometry, ctx.eps = z, conv_geometry, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, conv_weight, pooled, indices, out, weight, mean, invstd = ctx.saved_tensors
+        x, conv_weight, pooled, indices, out, weight, mean, var = ctx.saved_tensors
         stride, padding = ctx.conv_geometry
         z, ctx.z = ctx.z, None
         if z is None:  # the first backward turned z into its gradient
@@ -173,10 +175,9 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         grad = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's
         # BatchNorm's gradient sums over z: the gradient is zero off the pooled maxima, so they are sums
         # over the pooled tensor (a position two windows share counts twice, as its gradient does)
-        _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, pooled, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
-        )
+        grad_weight, grad_bias = gradient_sums(grad, pooled, mean, var, ctx.eps)
         count = z.numel() // z.shape[1]
+        invstd = torch.rsqrt(var + ctx.eps)
         scale = weight * invstd
         # dL/dz = scale * (g - sum(g) / n - zhat * sum(g * zhat) / n), zhat = (z - mean) * invstd:
         # a per-channel affine function c1 * z + c0, plus scale * g added where the pool took its maxima
