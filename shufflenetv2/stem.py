@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .batchnorm import BatchNorm2d, batch_statistics, gradient_sums
+from .batchnorm import BatchNorm2d, batch_statistics, channel_affine, gradient_sums
 
 STEM_POOLS = ("same", "symmetric")
 
@@ -159,7 +159,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         shift = bias - mean * scale  # BatchNorm's CPU kernel computes scale * z + shift, as here
         pool_pads, ceil_mode = _pool_geometry(pool_padding, z)
         pooled, indices = torch.ops.aten.max_pool2d_with_indices(z, [3, 3], [2, 2], pool_pads, [1, 1], ceil_mode)
-        out = torch.addcmul(shift.view(1, -1, 1, 1), pooled, scale.view(1, -1, 1, 1)).relu_()
+        out = channel_affine(pooled, scale, shift).relu_()
         ctx.save_for_backward(x, conv_weight, pooled, indices, out, weight, mean, var)
         ctx.z, ctx.conv_geometry, ctx.eps = z, conv_geometry, eps
         return out
@@ -183,7 +183,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         # a per-channel affine function c1 * z + c0, plus scale * g added where the pool took its maxima
         c1 = -scale * invstd * grad_weight / count
         c0 = -scale * grad_bias / count - c1 * mean
-        grad_z = z.mul_(c1.view(1, -1, 1, 1)).add_(c0.view(1, -1, 1, 1))
+        grad_z = channel_affine(z, c1, c0, out=z)
         # indices count positions within each (image, channel) plane: flattened, they index its pixels
         _scatter_add_planes(grad_z, indices, grad * scale.view(1, -1, 1, 1))
         grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
