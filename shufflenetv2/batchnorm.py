@@ -32,18 +32,20 @@ ROW_MULTIPLE = 16  # channel counts that are multiples of this already run at fu
 WIDEST = 64
 
 
-def columns_per_channel(x: torch.Tensor) -> int:
-    """k for the (pixels / k, k * C) view of ``x``: the smallest k that makes a row a multiple of
-    ``ROW_MULTIPLE`` values, or 1 (the plain kernels) when C already is one, is ``WIDEST`` or more, or
-    the pixels do not split into k equal parts."""
-    channels = x.shape[1]
-    k = ROW_MULTIPLE // math.gcd(channels, ROW_MULTIPLE)
-    return k if channels < WIDEST and (x.numel() // channels) % k == 0 else 1
-
-
 def is_nhwc(x: torch.Tensor) -> bool:
     """Laid out channels_last and not also plain contiguous (as 1 x 1 or one-channel tensors are)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def columns_per_channel(x: torch.Tensor) -> int:
+    """k for the (pixels / k, k * C) view of the NHWC tensor ``x``: the smallest k that makes a row a
+    multiple of ``ROW_MULTIPLE`` values, or 1 (the plain kernels) when ``x`` is not NHWC, when C already
+    is such a multiple or is ``WIDEST`` or more, or when the pixels do not split into k equal parts."""
+    if not is_nhwc(x):
+        return 1
+    channels = x.shape[1]
+    k = ROW_MULTIPLE // math.gcd(channels, ROW_MULTIPLE)
+    return k if channels < WIDEST and (x.numel() // channels) % k == 0 else 1
 
 
 def wide_view(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,7 +69,7 @@ def channel_affine(
     elements, slow for the same reason as the reductions (the stem's 38.5 MB: 4.0 ms as ``mul_`` and
     ``add_``, 2.2 ms as one ``addcmul``, 1.6 ms through the wide view)."""
     out = torch.empty_like(x) if out is None else out
-    k = columns_per_channel(x) if is_nhwc(x) and is_nhwc(out) else 1
+    k = columns_per_channel(x) if is_nhwc(out) else 1
     if k == 1:
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=out)
     wide_shift, wide_scale = per_column(k, shift, scale)
@@ -84,7 +86,7 @@ def batch_statistics(
     Through the wide view where it pays: every column holds the same number of values, so a channel's
     mean is the mean of its k column means and its variance the mean of the column variances plus the
     variance of the column means."""
-    k = columns_per_channel(x) if is_nhwc(x) else 1
+    k = columns_per_channel(x)
     if k == 1:
         return torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
     channels, count = x.shape[1], x.numel() // x.shape[1]
@@ -103,7 +105,7 @@ def gradient_sums(
     """``sum(grad * (x - mean) / sqrt(var + eps))`` and ``sum(grad)`` per channel: BatchNorm's weight and
     bias gradients.  Evaluation-mode ``native_batch_norm_backward`` computes exactly these (per column
     of the wide view, where that pays) from the statistics it is given."""
-    k = columns_per_channel(x) if is_nhwc(x) else 1
+    k = columns_per_channel(x)
     if k == 1:
         return torch.ops.aten.native_batch_norm_backward(
             grad, x, None, mean, var, None, None, False, eps, [False, True, True]
@@ -164,7 +166,7 @@ def wide_path_applies(bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     return (
         not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling()
         and bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
-        and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and is_nhwc(x)
+        and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu") and columns_per_channel(x) > 1
     )  # fmt: skip
 

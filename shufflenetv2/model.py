@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, is_nhwc
 from .stem import StemPool, stem_forward
 
 # stage_out_channels[1:] of MindCV: stem, stage 2, stage 3, stage 4, conv5
@@ -102,8 +102,7 @@ class EvenOddSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
+        ctx.layout = torch.channels_last if is_nhwc(x) else torch.contiguous_format
         return x[:, 0::2], x[:, 1::2].contiguous(memory_format=ctx.layout)
 
     @staticmethod

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .batchnorm import BatchNorm2d, batch_statistics, channel_affine, gradient_sums
+from .batchnorm import BatchNorm2d, batch_statistics, channel_affine, gradient_sums, is_nhwc
 
 STEM_POOLS = ("same", "symmetric")
 
@@ -200,7 +200,7 @@ def _scatter_add_planes(target: torch.Tensor, indices: torch.Tensor, values: tor
     (N, C, pixels) one otherwise: along the axis that is not innermost in memory.  Along the other one
     torch's kernel took about three times as long on the stem's 38.5 MB (19 against 5.6 ms)."""
     n, c = target.shape[:2]
-    if target.is_contiguous(memory_format=torch.channels_last) and not target.is_contiguous():
+    if is_nhwc(target):
         target.permute(0, 2, 3, 1).view(n, -1, c).scatter_add_(  # a view: the sums land in target
             1, indices.permute(0, 2, 3, 1).reshape(n, -1, c), values.permute(0, 2, 3, 1).reshape(n, -1, c)
         )
