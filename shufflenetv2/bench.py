@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import export_onnx, fuse
+from .deploy import ONNX_CHANNEL_MULTIPLE, export_onnx, fuse
 from .model import build_network
 from .summary import summarize
 
@@ -188,7 +188,7 @@ def _runner(
     if backend == "ours-fused-compiled":
         return _torch_runner(fuse(ours, compile=True), nhwc, amp)
     if backend == "ours-onnxruntime":
-        return _onnx_runner(fuse(ours, channels_last=False), x, threads)
+        return _onnx_runner(fuse(ours, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), x, threads)
     if backend == "torchvision-eager":
         return _torch_runner(theirs, x, amp)
     if backend == "torchvision-compiled":

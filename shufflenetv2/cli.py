@@ -121,7 +121,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .deploy import export_onnx, export_program, fuse
+    from .deploy import ONNX_CHANNEL_MULTIPLE, export_onnx, export_program, fuse
 
     weights = read_weights(args.src)
     name = args.model or weights.arch["model"]
@@ -132,11 +132,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
         layout=weights.layout,
     )  # fmt: skip
     dst = Path(args.dst)
-    fused = fuse(model, channels_last=False)
     if dst.suffix == ".onnx":
-        export_onnx(fused, dst, args.input_size, args.opset)
+        export_onnx(
+            fuse(model, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), dst, args.input_size, args.opset
+        )
     elif dst.suffix == ".pt2":
-        export_program(fused, dst, args.input_size)
+        export_program(fuse(model, channels_last=False), dst, args.input_size)
     else:
         raise ShuffleNetV2Error(f"cannot export to {dst.name}: name it .onnx (ONNX) or .pt2 (torch.export program)")
     print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch")

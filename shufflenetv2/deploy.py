@@ -3,9 +3,10 @@ into weights and slices, channels_last, optionally compiled; and ONNX export.
 
 ``fuse(model)`` returns a module with the same inputs and outputs as ``model.eval()`` (logits equal
 to float32 rounding).  For MindCV's layout the even/odd split that opens each stride-1 block is a
-fixed permutation, so activations are kept "evens first" between blocks: the split becomes two
-contiguous halves (no gather), the permutation moves into the weights that read or write those
-channels, and each block ends with one concatenation of four slices.  torchvision's layout keeps its
+fixed permutation, so activations are kept "evens first" between blocks, and as two tensors: the
+logical evens (the next block's pass-through) and the logical odds (its branch input).  The split is
+then no copy at all, the permutation moves into the weights that read or write those channels, and
+each block ends with two concatenations of two slices.  torchvision's layout keeps its
 explicit shuffle (its interleaving does not settle into one fixed storage order), with BN folded.
 On channels_last the 1x1 convolutions become matrix products (``PointwiseLinear``), and for
 ``torch.compile`` the depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
@@ -30,7 +31,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True,
+        conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype,
     )  # fmt: skip
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
@@ -78,10 +79,45 @@ def _write_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
         conv.bias.copy_(conv.bias[order])
 
 
-class FusedDownBlock(nn.Module):
-    """A stride-2 block reading any known storage order and writing "evens first"."""
+@torch.no_grad()
+def _pad_channels(conv: nn.Conv2d, outputs: int = 0, inputs: int = 0) -> None:
+    """Append zero output and input channels to ``conv`` (its BatchNorm already folded into the bias).
 
-    def __init__(self, block: MindCVBlock, input_order: torch.Tensor) -> None:
+    A zero output channel stays zero through the ReLU that follows and is read with zero weight, so
+    the logits do not change.  A depthwise convolution grows its inputs with its outputs.
+    """
+    depthwise = conv.groups > 1
+    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0 if depthwise else inputs, 0, outputs))
+    conv.weight = nn.Parameter(weight)
+    conv.bias = nn.Parameter(F.pad(conv.bias, (0, outputs)))
+    conv.out_channels += outputs
+    conv.in_channels += outputs if depthwise else inputs
+    conv.groups += outputs if depthwise else 0
+
+
+def _round_up(channels: int, multiple: int) -> int:
+    return -(-channels // multiple) * multiple
+
+
+def _pad_branch(branch: nn.Sequential, multiple: int, odds_in: int = 0, odds_out: int = 0) -> None:
+    """Round the branch's inner width up to ``multiple``; it reads ``odds_in`` zero channels appended to
+    its input and appends ``odds_out`` zero channels to its output."""
+    pw1, dw, pw2 = _convs(branch)
+    inner = _round_up(pw1.out_channels, multiple) - pw1.out_channels
+    _pad_channels(pw1, outputs=inner, inputs=odds_in)
+    _pad_channels(dw, outputs=inner)
+    _pad_channels(pw2, outputs=odds_out, inputs=inner)
+
+
+Halves = tuple[torch.Tensor, ...]  # the activation between fused blocks: its "evens first" storage, cut in two
+
+
+class FusedDownBlock(nn.Module):
+    """A stride-2 block reading any known storage order (one tensor, or the halves of one) and writing
+    the logical evens and the logical odds of its output as two tensors; ``odds_pad`` zero channels
+    follow the odds (see ``fuse``'s ``channel_multiple``)."""
+
+    def __init__(self, block: MindCVBlock, input_order: torch.Tensor, multiple: int = 1, odds_pad: int = 0) -> None:
         super().__init__()
         self.branch_proj, self.branch_main = block.branch_proj, block.branch_main
         proj_dw, proj_pw = _convs(self.branch_proj)
@@ -92,43 +128,66 @@ class FusedDownBlock(nn.Module):
         _write_in_order(proj_pw, evens_first(proj_pw.out_channels))
         _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
         self.proj_half, self.main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
+        self.main_split = [self.main_half, self.main_half + odds_pad]
+        _pad_branch(self.branch_main, multiple, odds_out=odds_pad)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p, m = self.branch_proj(x), self.branch_main(x)
-        p_even, p_odd = p[:, : self.proj_half], p[:, self.proj_half :]
-        m_even, m_odd = m[:, : self.main_half], m[:, self.main_half :]
-        return torch.cat((p_even, m_even, p_odd, m_odd), 1)
+    def forward(self, x: Halves) -> Halves:
+        x = x[0] if len(x) == 1 else torch.cat(x, 1)
+        p_even, p_odd = torch.split(self.branch_proj(x), self.proj_half, 1)
+        m_even, m_odd = torch.split(self.branch_main(x), self.main_split, 1)
+        return torch.cat((p_even, m_even), 1), torch.cat((p_odd, m_odd), 1)
 
 
 class FusedBlock(nn.Module):
-    """A stride-1 block on "evens first" storage: the split is two halves, the output keeps the order."""
+    """A stride-1 block on the halves of "evens first" storage: the logical evens pass through, the logical
+    odds feed the branch, and the output halves are again the logical evens and odds.
 
-    def __init__(self, block: MindCVBlock) -> None:
+    Keeping the halves apart, rather than one tensor that each block slices, saves a copy of the whole
+    activation per block: 1.03x-1.13x in ONNX Runtime and 1.02x-1.04x in eager PyTorch (x0.5 batch 1 and
+    32, x1.0 batch 1; measured paired on this project's CPU).  The odds may carry zero channels at their
+    end, ``odds_pad_in`` coming in and ``odds_pad_out`` going out.
+    """
+
+    def __init__(self, block: MindCVBlock, multiple: int = 1, odds_pad_in: int = 0, odds_pad_out: int = 0) -> None:
         super().__init__()
         self.branch_main = block.branch_main
         main_pw2 = _convs(self.branch_main)[-1]
         _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
-        self.half = main_pw2.out_channels
+        half = main_pw2.out_channels // 2
+        self.branch_split = [half, half + odds_pad_out]
+        _pad_branch(self.branch_main, multiple, odds_in=odds_pad_in, odds_out=odds_pad_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half, quarter = self.half, self.half // 2
-        proj, main = x[:, :half], self.branch_main(x[:, half:])  # logical evens, then logical odds
-        return torch.cat((proj[:, 0::2], main[:, :quarter], proj[:, 1::2], main[:, quarter:]), 1)
+    def forward(self, x: Halves) -> Halves:
+        proj, odds = x
+        b_even, b_odd = torch.split(self.branch_main(odds), self.branch_split, 1)
+        return torch.cat((proj[:, 0::2], b_even), 1), torch.cat((proj[:, 1::2], b_odd), 1)
 
 
 class FusedShuffleNetV2(nn.Module):
-    """MindCV's network for inference: 0 BatchNorms, 0 gathers, one concatenation per block."""
+    """MindCV's network for inference: 0 BatchNorms, 0 gathers, two concatenations per block.
 
-    def __init__(self, model: ShuffleNetV2) -> None:
+    ``channel_multiple`` rounds the width inside each branch, and the odds half that a stride-1 block
+    feeds its branch, up to that multiple with zero channels (same logits).
+    """
+
+    def __init__(self, model: ShuffleNetV2, channel_multiple: int = 1) -> None:
         super().__init__()
         model = fold_all_batchnorms(copy.deepcopy(model).eval())
         self.in_channels, self.num_classes = model.in_channels, model.num_classes
         self.first_conv, self.max_pool = model.first_conv, model.max_pool
         blocks: list[nn.Module] = []
         order = torch.arange(model.first_conv[0].out_channels)  # the stem writes logical order
-        for block in model.features:
-            blocks.append(FusedDownBlock(block, order) if block.stride == 2 else FusedBlock(block))
-            order = evens_first(_block_out_channels(block))
+        odds_pad = 0  # zero channels after the odds coming into the block
+        for block, following in zip(model.features, [*model.features[1:], None], strict=True):
+            out_channels = _block_out_channels(block)
+            # pad the output's odds only for a stride-1 block's branch; a stride-2 block reads them as they are
+            feeds_branch = following is not None and following.stride == 1
+            pad_out = _round_up(out_channels // 2, channel_multiple) - out_channels // 2 if feeds_branch else 0
+            if block.stride == 2:
+                blocks.append(FusedDownBlock(block, order, channel_multiple, pad_out))
+            else:
+                blocks.append(FusedBlock(block, channel_multiple, odds_pad, pad_out))
+            order, odds_pad = evens_first(out_channels), pad_out
         self.features = nn.Sequential(*blocks)
         self.conv_last = model.conv_last
         _read_in_order(_convs(self.conv_last)[0], order)
@@ -140,7 +199,7 @@ class FusedShuffleNetV2(nn.Module):
         else:  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter of the stem
             conv, _, relu = self.first_conv
             x = relu(self.max_pool(conv(x)))
-        x = self.conv_last(self.features(x))
+        x = self.conv_last(torch.cat(self.features((x,)), 1))
         return self.classifier(x.mean((2, 3)))
 
 
@@ -244,16 +303,22 @@ def unroll_depthwise(module: nn.Module) -> nn.Module:
     return _replace_convs(module, _is_depthwise_3x3, UnrolledDepthwise)
 
 
-def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
+def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False, channel_multiple: int = 1) -> nn.Module:
     """An inference copy of ``model`` (which is left untouched): same inputs, same logits.
 
     ``channels_last`` stores activations NHWC, which the CPU and GPU convolution kernels prefer, and
     runs the 1x1 convolutions as matrix products (``PointwiseLinear``);
     ``compile`` wraps the result in ``torch.compile`` (its first call then takes seconds), with the 3x3
-    depthwise convolutions unrolled for the compiler (``UnrolledDepthwise``).
+    depthwise convolutions unrolled for the compiler (``UnrolledDepthwise``);
+    ``channel_multiple`` pads MindCV-layout branches with zero channels up to that multiple.  Use 4 for
+    ONNX Runtime (``ONNX_CHANNEL_MULTIPLE``), whose blocked-layout convolutions need a multiple of 4:
+    x1.0's and x2.0's stage-2 branches (58 and 122 channels) otherwise run as plain NCHW convolutions, and
+    padded to 60 they ran 1.13x faster there at batch 1 and 32.  PyTorch gains nothing from it.
     """
+    if channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be a positive integer, not {channel_multiple}")
     if isinstance(model, ShuffleNetV2) and _even_branches(model):
-        fused: nn.Module = FusedShuffleNetV2(model)
+        fused: nn.Module = FusedShuffleNetV2(model, channel_multiple)
     else:
         fused = fold_all_batchnorms(copy.deepcopy(model).eval())
     fused = fused.eval().requires_grad_(False)
@@ -264,6 +329,9 @@ def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False) ->
 
 def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, getattr(model, "in_channels", 3), input_size, input_size)
+
+
+ONNX_CHANNEL_MULTIPLE = 4  # ``fuse(..., channel_multiple=...)`` for a model that ONNX Runtime will run
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_size: int = 224, opset: int = 17) -> Path:

@@ -13,6 +13,7 @@ from torch import nn
 from shufflenetv2 import create_model, save_weights
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
+    ONNX_CHANNEL_MULTIPLE,
     FusedShuffleNetV2,
     PointwiseLinear,
     UnrolledDepthwise,
@@ -57,6 +58,46 @@ def test_fused_model_gives_the_same_logits(name: str, layout: str) -> None:
             assert torch.allclose(fused(x.contiguous(memory_format=torch.channels_last)), got, atol=1e-5)
 
 
+def _depthwise_widths(fused: nn.Module) -> set[int]:
+    return {m.out_channels for m in fused.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("multiple", [3, 4, 16])
+@pytest.mark.parametrize("name", ["shufflenet_v2_x1_0", "shufflenet_v2_x2_0"])
+def test_zero_channel_padding_keeps_the_logits(name: str, multiple: int, channels_last: bool) -> None:
+    """Branches padded with zero channels (58 -> 60 for ONNX Runtime): float64 logits equal to 1e-10."""
+    model = _model(name, "mindcv").double()
+    plain = fuse(model, channels_last=False)
+    padded = fuse(model, channels_last=channels_last, channel_multiple=multiple)
+    stage2 = WIDTHS[name][1] // 2  # 58 or 122: the stage-2 branch width, a multiple of neither 4 nor 16
+    assert stage2 in _depthwise_widths(plain)
+    if not channels_last:  # channels_last turns the 1x1 convolutions into matrix products; the widths are the same
+        assert -(-stage2 // multiple) * multiple in _depthwise_widths(padded)
+        assert stage2 not in _depthwise_widths(padded)
+    x = torch.randn(2, 3, 64, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(multiple))
+    with torch.no_grad():
+        expected = model(x)
+        got = padded(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    assert expected.abs().max() > 1.0
+    assert (expected - got).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fuse_keeps_the_models_device_and_dtype(channels_last: bool) -> None:
+    """A CUDA model fused must stay on CUDA: checked on the meta device, which runs shapes only."""
+    model = build_network("shufflenet_v2_x1_0").to(device="meta", dtype=torch.float64)
+    fused = fuse(model, channels_last=channels_last, channel_multiple=ONNX_CHANNEL_MULTIPLE)
+    assert {(p.device.type, p.dtype) for p in fused.parameters()} == {("meta", torch.float64)}
+    x = torch.empty(2, 3, 64, 64, device="meta", dtype=torch.float64)
+    assert fused(x).shape == (2, 1000)
+
+
+def test_channel_multiple_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="channel_multiple must be a positive integer"):
+        fuse(_model("shufflenet_v2_x0_5", "mindcv"), channel_multiple=0)
+
+
 def test_fuse_leaves_the_original_untouched() -> None:
     model = _model("shufflenet_v2_x0_5", "mindcv").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -90,7 +131,7 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(name: str, layout:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     model = _model(name, layout)
-    path = export_onnx(fuse(model, channels_last=False), tmp_path / "m.onnx")
+    path = export_onnx(fuse(model, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), tmp_path / "m.onnx")
     graph = onnx.load(str(path))
     assert graph.opset_import[0].version >= 17
     assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
