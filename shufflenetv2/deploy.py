@@ -8,6 +8,7 @@ logical evens (the next block's pass-through) and the logical odds (its branch i
 then no copy at all, the permutation moves into the weights that read or write those channels, and
 each block ends with two concatenations of two slices.  torchvision's layout keeps its
 explicit shuffle (its interleaving does not settle into one fixed storage order), with BN folded.
+For ONNX Runtime the branches are padded with zero channels to a multiple of 4 (``channel_multiple``).
 On channels_last the 1x1 convolutions become matrix products (``PointwiseLinear``), and for
 ``torch.compile`` the depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 """
@@ -275,7 +276,7 @@ class UnrolledDepthwise(nn.Module):
         super().__init__()
         self.stride = conv.stride[0]
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)  # (C, 1, 3, 3)
-        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        bias = conv.bias.detach().clone() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         self.bias = nn.Parameter(bias.view(1, -1, 1, 1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,8 +313,9 @@ def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False, ch
     depthwise convolutions unrolled for the compiler (``UnrolledDepthwise``);
     ``channel_multiple`` pads MindCV-layout branches with zero channels up to that multiple.  Use 4 for
     ONNX Runtime (``ONNX_CHANNEL_MULTIPLE``), whose blocked-layout convolutions need a multiple of 4:
-    x1.0's and x2.0's stage-2 branches (58 and 122 channels) otherwise run as plain NCHW convolutions, and
-    padded to 60 they ran 1.13x faster there at batch 1 and 32.  PyTorch gains nothing from it.
+    x1.0's and x2.0's stage-2 branches (58 and 122 channels) otherwise run as plain NCHW convolutions.
+    Padded to 60 and 124, the whole network ran 1.13x (batch 1) and 1.14x (batch 32) faster there at x1.0,
+    1.06x at x2.0 batch 1 (paired, on this project's CPU).  PyTorch gains nothing from it.
     """
     if channel_multiple < 1:
         raise ValueError(f"channel_multiple must be a positive integer, not {channel_multiple}")
