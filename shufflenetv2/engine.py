@@ -166,7 +166,7 @@ def evaluate(
         top1, top5 = accuracy_counts(logits, target)
         totals += torch.stack(
             [top1.double(), top5.double(), F.cross_entropy(logits, target, reduction="sum").double(),
-             torch.tensor(float(target.numel()), dtype=torch.float64, device=device), totals.new_zeros(())]
+             totals.new_full((), float(target.numel())), totals.new_zeros(())]  # filled on the device: no copy, no sync
         )  # fmt: skip
     totals[4] += len(unreadable)
     dist.all_reduce_sum(totals)
@@ -201,6 +201,9 @@ class Trainer:
         except OSError as exc:
             raise storage_error(exc, self.run_dir, "the training log to") from None
         if cfg.deterministic:
+            # CUDA's cuBLAS is deterministic only with this workspace setting; without it torch refuses the
+            # first matrix product in deterministic mode (a user's own setting is kept)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed + self.ctx.rank)
 
@@ -509,7 +512,7 @@ class Trainer:
                     scaled.backward()
             step_number = epoch * batches + batch_index + 1
             nonfinite = ~torch.isfinite(loss.detach())
-            first_bad = torch.where(nonfinite & (first_bad < 0), torch.tensor(step_number, device=device), first_bad)
+            first_bad = first_bad.masked_fill(nonfinite & (first_bad < 0), step_number)  # a host scalar: no sync
             loss_sum += loss.detach().double()
             done = batch_index + 1
             if boundary:

@@ -39,6 +39,12 @@ class StoppedAt(Trainer):
             signal.raise_signal(self.sig)
 
 
+def _handlers() -> tuple[object, object]:
+    """SIGINT's and SIGTERM's handlers: the ones a run must put back (a background job starts with SIGINT
+    ignored, an interactive one with Python's default)."""
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -60,6 +66,7 @@ def test_stop_saves_and_resume_is_exact(
 ) -> None:
     """Step 3: mid-epoch; step 6: the last batch of epoch 1 (saved under the epoch-end name); step 8: epoch 2."""
     cfg = tiny_config(tiny_data, tmp_path, ema=True, ema_decay=0.9)
+    before = _handlers()
     with pytest.raises(TrainingInterrupted, match=f"stopped by {signal.Signals(sig).name}") as info:
         StoppedAt(cfg, stop_at, sig).run()
     saved = list_checkpoints(tmp_path)[-1]
@@ -68,8 +75,7 @@ def test_stop_saves_and_resume_is_exact(
     assert (saved.epoch, saved.step) == (epoch + 1, batch + 1)
     state = load_state(saved.state)
     assert (state["epoch"], state["batch"], state["global_step"]) == (epoch, batch + 1, stop_at)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back after the run
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _handlers() == before  # handlers are put back after the run
 
     result = train(dataclasses.replace(cfg, auto_resume=True))
     assert result.epochs == 2
@@ -116,13 +122,14 @@ def test_interim_checkpoints_change_nothing_and_are_cleaned_up(
 
 
 def test_a_second_ctrl_c_stops_at_once() -> None:
+    before = _handlers()
     with StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.signal_name == "SIGINT"
         signal.raise_signal(signal.SIGTERM)  # further SIGTERMs are absorbed
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _handlers() == before
 
 
 # --- the real command, real signals -------------------------------------------------------------------
