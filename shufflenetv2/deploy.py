@@ -283,11 +283,13 @@ class UnrolledDepthwise(nn.Module):
         s = self.stride
         rows, cols = (x.shape[-2] - 1) // s + 1, (x.shape[-1] - 1) // s + 1  # padding 1, kernel 3
         padded = F.pad(x, (1, 1, 1, 1))
-        out = self.bias
+        # in the input's dtype, as the convolution under autocast: float32 weights would promote a bf16
+        # activation to float32 (inductor still computes the fused taps in float32 and rounds once)
+        weight, out = self.weight.to(x.dtype), self.bias.to(x.dtype)
         for i in range(3):
             for j in range(3):
                 tap = padded[:, :, i : i + s * (rows - 1) + 1 : s, j : j + s * (cols - 1) + 1 : s]
-                out = out + tap * self.weight[:, :, i, j].view(1, -1, 1, 1)
+                out = out + tap * weight[:, :, i, j].view(1, -1, 1, 1)
         return out
 
 

@@ -224,6 +224,18 @@ def test_unrolled_depthwise_is_the_depthwise_convolution(stride: int, size: tupl
     assert (got - conv(x)).abs().max() < 1e-12
 
 
+def test_unrolled_depthwise_keeps_a_bf16_activation_in_bf16() -> None:
+    """Under autocast the 1x1 convolutions hand it bf16; float32 weights must not promote the result."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    x = torch.randn(2, 8, 9, 9).to(torch.bfloat16)
+    got = UnrolledDepthwise(conv)(x)
+    assert got.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = conv(x.float())
+    assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_compiled_fused_model_keeps_the_logits() -> None:
     """fuse(compile=True) unrolls the depthwise convolutions for inductor: same logits (< 1e-4)."""
     model = _model("shufflenet_v2_x0_5", "mindcv")
