@@ -181,3 +181,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return _WideBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+
+
+def is_local_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm over this process's batch only: ``nn.BatchNorm2d`` or this module's ``BatchNorm2d``, not a
+    subclass that changes the statistics (``AllReduceBatchNorm2d``, ``nn.SyncBatchNorm``)."""
+    return type(module) in (nn.BatchNorm2d, BatchNorm2d)

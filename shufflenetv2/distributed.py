@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm2d, is_local_batchnorm
 from .config import Config, ConfigError
 
 _host_group: object | None = None  # gloo group for host-side votes (see any_rank)
@@ -166,7 +166,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
     if device.type != "cpu":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) in (torch.nn.BatchNorm2d, BatchNorm2d):
+        if is_local_batchnorm(child):
             replacement = AllReduceBatchNorm2d(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .batchnorm import BatchNorm2d, batch_statistics, channel_affine, gradient_sums, is_nhwc
+from .batchnorm import batch_statistics, channel_affine, gradient_sums, is_local_batchnorm, is_nhwc
 
 STEM_POOLS = ("same", "symmetric")
 
@@ -117,7 +117,7 @@ def _plain_conv(conv: nn.Module) -> bool:
 def _pools_first(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``stem_forward`` takes the pooling-first function for the stem input ``x``."""
     return (
-        _plain_conv(conv) and type(bn) in (nn.BatchNorm2d, BatchNorm2d)
+        _plain_conv(conv) and is_local_batchnorm(bn)
         and bn.training and bn.track_running_stats and bn.affine
         and not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling()
         and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
