@@ -19,8 +19,8 @@ its CPU time after decoding, on per-image float work.  Here a worker does only w
 ``BatchTransform`` then applies the colour jitter (each image's three operations in its own random
 order, clamped after each as torchvision's float kernels do), the normalisation and the erasing to
 the whole uint8 batch wherever the batch lives: on the GPU it costs nothing measurable, on a CPU it
-runs in cache-sized chunks.  The eval transform (resize, centre crop) is deterministic and decodes at
-full size, so its pixels are those of the per-image pipeline.
+runs in cache-sized chunks and erases with one slice per image.  The eval transform (resize, centre
+crop) is deterministic and decodes at full size, so its pixels are those of the per-image pipeline.
 """
 
 from __future__ import annotations
@@ -291,14 +291,19 @@ class BatchTransform(torch.nn.Module):
     def forward(self, images: Tensor, params: Tensor) -> Tensor:
         params = params.to(images.device, non_blocking=True)
         if images.device.type != "cpu":
-            return self._transform(images, params).contiguous(memory_format=self.memory_format)
+            x = self._colour(images, params)
+            return (self._erase_with_mask(x, params) if self.erase else x).contiguous(memory_format=self.memory_format)
         out = torch.empty(images.shape, dtype=torch.float32, memory_format=self.memory_format)
         for start in range(0, images.shape[0], self.chunk):  # a chunk stays in cache through all the passes
             part = slice(start, start + self.chunk)
-            out[part] = self._transform(images[part], params[part])
+            out[part] = self._colour(images[part], params[part])
+        if self.erase:  # a slice per image touches only its box: 0.35 ms per 224-px image less than a mask
+            for k, (top, left, height, width) in enumerate(params[:, ERASE].long().tolist()):
+                out[k, :, top : top + height, left : left + width] = self.erase_value
         return out
 
-    def _transform(self, images: Tensor, params: Tensor) -> Tensor:
+    def _colour(self, images: Tensor, params: Tensor) -> Tensor:
+        """Conversion to float, jitter and normalisation of a whole (part of a) batch."""
         # one pass converts and puts the channels first (workers hand HWC rows over): the per-image
         # arithmetic below runs several times slower on channels_last data, whose innermost axis has 3 values
         x = images.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
@@ -307,10 +312,7 @@ class BatchTransform(torch.nn.Module):
                 op = params[:, ORDER][:, position].long()
                 factor = params.gather(1, op[:, None]).view(-1, 1, 1, 1)
                 x = self._blend(x, op, factor)
-        x = x.sub_(self.mean).div_(self.std)
-        if self.erase:  # rows without a box have width 0 and so an empty mask
-            x = x.masked_fill_(self._erase_mask(params[:, ERASE], x.shape[-2], x.shape[-1]), self.erase_value)
-        return x
+        return x.sub_(self.mean).div_(self.std)
 
     def _blend(self, x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
         """One jitter op per image (0 brightness, 1 contrast, 2 saturation), all images at once, in place.
@@ -325,12 +327,13 @@ class BatchTransform(torch.nn.Module):
         per_image = rest * (op == CONTRAST).view(-1, 1, 1, 1) * grey.mean((2, 3), keepdim=True)
         return x.mul_(factor).addcmul_(grey, per_pixel).add_(per_image).clamp_(0.0, 1.0)
 
-    @staticmethod
-    def _erase_mask(erase: Tensor, height: int, width: int) -> Tensor:
-        top, left, h, w = (erase[:, k].view(-1, 1, 1, 1) for k in range(4))
-        rows = torch.arange(height, device=erase.device, dtype=erase.dtype).view(1, 1, -1, 1)
-        cols = torch.arange(width, device=erase.device, dtype=erase.dtype).view(1, 1, 1, -1)
-        return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    def _erase_with_mask(self, x: Tensor, params: Tensor) -> Tensor:
+        """Erasing without reading the boxes on the host (a device would wait for that); rows without a
+        box have width 0 and so an empty mask."""
+        top, left, h, w = (params[:, ERASE][:, k].view(-1, 1, 1, 1) for k in range(4))
+        rows = torch.arange(x.shape[-2], device=x.device, dtype=params.dtype).view(1, 1, -1, 1)
+        cols = torch.arange(x.shape[-1], device=x.device, dtype=params.dtype).view(1, 1, 1, -1)
+        return x.masked_fill_((rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w), self.erase_value)
 
 
 def build_batch_transform(cfg: Config, train: bool) -> BatchTransform:

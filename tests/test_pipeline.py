@@ -20,11 +20,13 @@ from shufflenetv2.errors import DataError
 from shufflenetv2.pipeline import (
     BRIGHTNESS,
     ERASE,
+    IDENTITY,
     ORDER,
     SATURATION,
     BatchTransform,
     EvalSampleTransform,
     TrainSampleTransform,
+    params_vector,
     reduction_for,
 )
 
@@ -61,6 +63,18 @@ def classic_train(cfg: Config, image: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 IMAGE = torch.from_numpy(photo(60, 80)).permute(2, 0, 1).contiguous()
+# a 24-px crop of IMAGE with a white and a black band: where a blend can reach 0 and 1
+SATURATED = IMAGE[:, :24, :24].clone()
+SATURATED[:, :6], SATURATED[:, -6:] = 255, 0
+# (brightness, contrast, saturation factors), op order: ColorJitter(0.4)'s extremes 0.6 and 1.4
+EXTREME_PARAMS = [
+    ((0.6, 0.6, 0.6), (0, 1, 2)),
+    ((1.4, 1.4, 1.4), (2, 1, 0)),
+    ((0.6, 1.4, 0.6), (1, 0, 2)),
+    ((1.4, 0.6, 1.4), (0, 2, 1)),
+    ((1.0, 0.6, 1.4), (2, 0, 1)),
+    ((0.6, 1.0, 1.4), (1, 2, 0)),
+]
 
 
 @pytest.mark.parametrize("re_prob", [0.0, 1.0])
@@ -78,20 +92,22 @@ def test_same_crops_flips_and_erasing_as_the_per_image_pipeline(re_prob: float) 
 
 
 def test_jitter_is_torchvisions_float_kernels_in_each_images_order() -> None:
+    """The batched blends against torchvision's kernels, with the drawn factors and with factors at both
+    ends of the range on saturated pixels, where the clamps matter."""
     cfg = cfg_for(hflip=0.0)
     transform, batch = TrainSampleTransform(cfg), BatchTransform(cfg, train=True, chunk=3)
     torch.manual_seed(0)
     samples = [transform(IMAGE) for _ in range(16)]
-    pixels = torch.stack([s.pixels for s in samples])
-    params = torch.stack([s.params for s in samples])
-    out = batch(pixels, params)
+    pixels = torch.stack([s.pixels for s in samples] + [SATURATED] * len(EXTREME_PARAMS))
+    extremes = [params_vector(f, order, IDENTITY[2]) for f, order in EXTREME_PARAMS]
+    out = batch(pixels, torch.stack([s.params for s in samples] + extremes))
     kernels = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
     mean, std = torch.tensor(cfg.mean).view(3, 1, 1) / 255, torch.tensor(cfg.std).view(3, 1, 1) / 255
-    for k, sample in enumerate(samples):
-        x = sample.pixels.float() / 255
-        for op in sample.params[ORDER].long().tolist():
-            x = kernels[op](x, float(sample.params[op]))
-        assert (out[k] - (x - mean) / std).abs().max() < 1e-5
+    for k, params in enumerate([s.params for s in samples] + extremes):
+        x = pixels[k].float() / 255
+        for op in params[ORDER].long().tolist():
+            x = kernels[op](x, float(params[op]))
+        assert (out[k] - (x - mean) / std).abs().max() < 1e-5, k
     # the per-image pipeline jitters uint8 (rounding after every op): the same image within three levels
     for seed in range(8):
         assert (fast_train(cfg, IMAGE, seed) - classic_train(cfg, IMAGE, seed)).abs().max() < 3.5 / 255 / 0.224
@@ -243,7 +259,10 @@ def test_loader_yields_uint8_and_parameters(tmp_path: Path) -> None:
     chunked = BatchTransform(cfg, train=True, chunk=1)(images, params)
     whole = BatchTransform(cfg, train=True, chunk=64)(images, params)
     assert chunked.dtype == torch.float32 and torch.equal(chunked, whole)
-    assert (params[:, ERASE][:, 3] >= 0).all()
+    # a GPU erases with a mask (no boxes read on the host), a CPU with a slice per image: the same floats
+    finish = BatchTransform(cfg, train=True)
+    assert torch.equal(finish._erase_with_mask(finish._colour(images, params), params), whole)
+    assert (params[:, ERASE][:, 3] >= 0).all() and (params[:, ERASE][:, 3] > 0).any()  # some boxes were erased
 
 
 def test_pipeline_choice() -> None:
