@@ -96,15 +96,16 @@ def _pad_channels(conv: nn.Conv2d, outputs: int = 0, inputs: int = 0) -> None:
     conv.groups += outputs if depthwise else 0
 
 
-def _round_up(channels: int, multiple: int) -> int:
-    return -(-channels // multiple) * multiple
+def _shortfall(channels: int, multiple: int) -> int:
+    """The zero channels that round ``channels`` up to a multiple of ``multiple``."""
+    return -channels % multiple
 
 
 def _pad_branch(branch: nn.Sequential, multiple: int, odds_in: int = 0, odds_out: int = 0) -> None:
     """Round the branch's inner width up to ``multiple``; it reads ``odds_in`` zero channels appended to
     its input and appends ``odds_out`` zero channels to its output."""
     pw1, dw, pw2 = _convs(branch)
-    inner = _round_up(pw1.out_channels, multiple) - pw1.out_channels
+    inner = _shortfall(pw1.out_channels, multiple)
     _pad_channels(pw1, outputs=inner, inputs=odds_in)
     _pad_channels(dw, outputs=inner)
     _pad_channels(pw2, outputs=odds_out, inputs=inner)
@@ -128,8 +129,8 @@ class FusedDownBlock(nn.Module):
         _read_in_order(main_pw1, input_order)
         _write_in_order(proj_pw, evens_first(proj_pw.out_channels))
         _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
-        self.proj_half, self.main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
-        self.main_split = [self.main_half, self.main_half + odds_pad]
+        self.proj_half, main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
+        self.main_split = [main_half, main_half + odds_pad]
         _pad_branch(self.branch_main, multiple, odds_out=odds_pad)
 
     def forward(self, x: Halves) -> Halves:
@@ -183,7 +184,7 @@ class FusedShuffleNetV2(nn.Module):
             out_channels = _block_out_channels(block)
             # pad the output's odds only for a stride-1 block's branch; a stride-2 block reads them as they are
             feeds_branch = following is not None and following.stride == 1
-            pad_out = _round_up(out_channels // 2, channel_multiple) - out_channels // 2 if feeds_branch else 0
+            pad_out = _shortfall(out_channels // 2, channel_multiple) if feeds_branch else 0
             if block.stride == 2:
                 blocks.append(FusedDownBlock(block, order, channel_multiple, pad_out))
             else:
