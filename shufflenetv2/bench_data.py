@@ -9,6 +9,8 @@ Rows (train: RandomResizedCrop(224) + flip + ColorJitter(0.4) + normalise; eval:
 ``torchvision-classic`` is torchvision's ImageFolder with PIL transforms, as in its references;
 ``ours-per-image`` is this package's ``data_pipeline classic`` (transforms v2 on uint8 tensors);
 ``ours-fast`` is ``data_pipeline fast`` (the default), its batch step on this CPU included;
+``ours-fast-whole-decode`` (train only) is ``ours-fast`` decoding whole JPEGs instead of the crop box alone,
+which is what it does without libjpeg-turbo 3 (``jpeg_region``): the same pixels, slower;
 ``ours-fast-workers`` is the same without the batch step: the CPU's share when that step runs on a GPU;
 ``ours-device-decode-workers`` is the CPU's share with ``decode_on_device True`` (reading, header, draws).
 The last two leave work to a GPU, so they say what a GPU machine's CPU cores must sustain, nothing more.
@@ -28,10 +30,12 @@ from .config import Config
 from .data import SeededDataset, build_dataset, collate_train
 from .pipeline import build_batch_transform
 
+TRAIN_ONLY = ("ours-fast-whole-decode",)  # the eval transform never decodes a region
 DATA_BACKENDS = (
     "torchvision-classic",
     "ours-per-image",
     "ours-fast",
+    "ours-fast-whole-decode",
     "ours-fast-workers",
     "ours-device-decode-workers",
 )
@@ -66,8 +70,11 @@ def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.
         dataset="imagefolder", data_dir=str(root.parent), image_resize=size, data_pipeline=pipeline,
         decode_on_device=backend == "ours-device-decode-workers",
     )  # fmt: skip
-    dataset = SeededDataset(build_dataset(cfg, root.name, train=train))
-    return dataset, (build_batch_transform(cfg, train) if backend == "ours-fast" else None)
+    folder = build_dataset(cfg, root.name, train=train)
+    if backend == "ours-fast-whole-decode":
+        folder.transform.decode_region = False
+    with_batch_step = backend in ("ours-fast", "ours-fast-whole-decode")
+    return SeededDataset(folder), (build_batch_transform(cfg, train) if with_batch_step else None)
 
 
 def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:
@@ -96,7 +103,8 @@ def benchmark_pipelines(
     try:
         for split, root in (("train", train_root), ("eval", eval_root)):
             runs = []
-            for backend in backends:
+            measured_backends = [b for b in backends if split == "train" or b not in TRAIN_ONLY]
+            for backend in measured_backends:
                 if backend == "torchvision-classic":
                     run = epoch_runner(torchvision_classic(root, split == "train"), None, count, batch)
                 else:
@@ -111,7 +119,7 @@ def benchmark_pipelines(
                     start = time.perf_counter()
                     run()
                     rates[index].append(count / (time.perf_counter() - start))
-            for backend, measured in zip(backends, rates, strict=True):
+            for backend, measured in zip(measured_backends, rates, strict=True):
                 median = statistics.median(measured)
                 spread = (min(measured), max(measured))
                 rows.append(DataRow(split, backend, median, spread, 1000 / median, count, measured))

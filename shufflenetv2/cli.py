@@ -176,8 +176,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         from .bench_data import benchmark_pipelines
 
         root = Path(args.data)
+        from .jpeg_region import library_path
+
         rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
+        results["jpeg_region_library"] = library_path()  # None: workers decoded whole JPEGs
     results["host_memory"] = "glibc malloc keeps freed memory (host_memory)" if reuse else "malloc as configured"
     if args.json:
         print(f"wrote {write_results(results, args.json)}")

@@ -89,7 +89,7 @@ class EncodedTrainTransform(_Encoded, TrainSampleTransform):
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> EncodedImage:  # type: ignore[override]
         box, hflip, vflip, params = self._draw(height, width)
-        return _encoded(raw, [box["top"], box["left"], box["height"], box["width"], hflip, vflip], params, path)
+        return _encoded(raw, [*box, hflip, vflip], params, path)
 
 
 class EncodedEvalTransform(_Encoded, EvalSampleTransform):

@@ -6,8 +6,10 @@ its CPU time after decoding, on per-image float work.  Here a worker does only w
 * it draws every random parameter of the sample with torchvision's own samplers, in the order the
   per-image ``transforms.v2`` pipeline (``data.build_transform``) draws them, so both pipelines give the
   same crop boxes, flips, jitter factors and erasing boxes for the same per-sample seed;
-* it decodes a JPEG at 1/2, 1/4 or 1/8 scale inside libjpeg-turbo (``simplejpeg``) when the crop box
-  still has at least the output size at that scale, so no crop is ever enlarged from a smaller decode;
+* it decodes a JPEG at 1/2, 1/4 or 1/8 scale inside libjpeg-turbo when the crop box still has at least
+  the output size at that scale, so no crop is ever enlarged from a smaller decode;
+* it decodes only the crop box where libjpeg-turbo 3 is found (``jpeg_region``; 1.4 instead of 2.0 ms per
+  ImageNet-sized photo), else the whole image (``simplejpeg``), with the same pixels either way;
 * it resizes the box to the output size in uint8 and flips it, and hands over 150 KB instead of 600 KB,
   in the HWC order the resize leaves it in: the batch is collated as (B, S, S, 3) rows, and the batch
   step's one uint8-to-float copy puts the channels first, so no worker spends a copy on reordering;
@@ -37,6 +39,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from . import jpeg_region
 from .config import Config
 from .data import MAX_IMAGE_PIXELS, interpolation_mode, load_image
 
@@ -50,6 +53,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale, also Op
 BRIGHTNESS, CONTRAST, SATURATION, ORDER, ERASE = 0, 1, 2, slice(3, 6), slice(6, 10)
 NUM_PARAMS = 10
 JPEG_MAGIC = b"\xff\xd8"
+Box = tuple[int, int, int, int]  # a crop box: top, left, height, width
 
 
 class AugmentedImage(NamedTuple):
@@ -187,6 +191,7 @@ class TrainSampleTransform(_SampleTransform):
         self.crop = v2.RandomResizedCrop(self.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)
         self.hflip, self.vflip = cfg.hflip, cfg.vflip
         self.fast_dct = cfg.fast_dct
+        self.decode_region = jpeg_region.available()  # only the crop box; False decodes whole images
         self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
         self.erase = (
             v2.RandomErasing(p=cfg.re_prob, scale=cfg.re_scale, ratio=cfg.re_ratio, value=cfg.re_value)
@@ -194,8 +199,9 @@ class TrainSampleTransform(_SampleTransform):
             else None
         )
 
-    def _draw(self, height: int, width: int) -> tuple[dict[str, int], bool, bool, Tensor]:
-        box = _draw_params(self.crop, [_dims_only(3, height, width)])
+    def _draw(self, height: int, width: int) -> tuple[Box, bool, bool, Tensor]:
+        drawn = _draw_params(self.crop, [_dims_only(3, height, width)])
+        box = (drawn["top"], drawn["left"], drawn["height"], drawn["width"])
         hflip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
         vflip = self.vflip > 0 and bool(torch.rand(1) < self.vflip)
         factors, order, erase = IDENTITY
@@ -209,8 +215,8 @@ class TrainSampleTransform(_SampleTransform):
                 erase = [drawn["i"], drawn["j"], drawn["h"], drawn["w"]]
         return box, hflip, vflip, params_vector(factors, order, erase)
 
-    def _finish(self, hwc: Tensor, box: dict[str, int], flips: tuple[bool, bool], params: Tensor) -> AugmentedImage:
-        top, left, h, w = box["top"], box["left"], box["height"], box["width"]
+    def _finish(self, hwc: Tensor, box: Box, flips: tuple[bool, bool], params: Tensor) -> AugmentedImage:
+        top, left, h, w = box
         image = self._resize(hwc[top : top + h, left : left + w], [self.size, self.size])
         hflip, vflip = flips
         if hflip:
@@ -225,21 +231,34 @@ class TrainSampleTransform(_SampleTransform):
         return self._finish(image.permute(1, 2, 0), box, (hflip, vflip), params)
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
-        box, hflip, vflip, params = self._draw(height, width)
-        factor = reduction_for(box["height"], box["width"], self.size)
+        drawn, hflip, vflip, params = self._draw(height, width)
+        flips = (hflip, vflip)
+        factor = reduction_for(drawn[2], drawn[3], self.size)
+        if self.decode_region:
+            box = scale_box(drawn, height, width, math.ceil(height / factor), math.ceil(width / factor))
+            region = jpeg_region.decode_box(raw, *box, factor, self.fast_dct)
+            if region is not None:
+                return self._finish(region, (0, 0, *region.shape[:2]), flips, params)
         hwc = decode_jpeg_scaled(raw, height, width, factor, self.fast_dct)
         if hwc is None:
-            return self._finish(load_image(path).permute(1, 2, 0), box, (hflip, vflip), params)
-        if factor > 1:  # the box in the reduced image's pixels: within half a pixel there, a quarter of an output pixel
-            scale_h, scale_w = hwc.shape[0] / height, hwc.shape[1] / width
-            top, left = round(box["top"] * scale_h), round(box["left"] * scale_w)
-            box = {
-                "top": top,
-                "left": left,
-                "height": max(1, min(round(box["height"] * scale_h), hwc.shape[0] - top)),
-                "width": max(1, min(round(box["width"] * scale_w), hwc.shape[1] - left)),
-            }
-        return self._finish(hwc, box, (hflip, vflip), params)
+            return self._finish(load_image(path).permute(1, 2, 0), drawn, flips, params)
+        return self._finish(hwc, scale_box(drawn, height, width, hwc.shape[0], hwc.shape[1]), flips, params)
+
+
+def scale_box(box: tuple[int, int, int, int], height: int, width: int, to_height: int, to_width: int) -> Box:
+    """A (top, left, height, width) box of a height x width image in the pixels of its to_height x to_width
+    reduced decode: within half a pixel there, a quarter of an output pixel."""
+    if (to_height, to_width) == (height, width):
+        return box
+    top, left, box_height, box_width = box
+    scale_h, scale_w = to_height / height, to_width / width
+    top, left = round(top * scale_h), round(left * scale_w)
+    return (
+        top,
+        left,
+        max(1, min(round(box_height * scale_h), to_height - top)),
+        max(1, min(round(box_width * scale_w), to_width - left)),
+    )
 
 
 class EvalSampleTransform(_SampleTransform):
