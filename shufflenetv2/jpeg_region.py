@@ -4,17 +4,18 @@ A RandomResizedCrop box covers about half of a photo on average, yet a whole-ima
 inverse DCT, chroma upsampling and colour conversion on every pixel.  libjpeg-turbo 3.0 decodes a
 region instead: rows below the box are never read, rows above it are only entropy-decoded, columns
 beside it skip the IDCT.  On the hymenoptera training photos with the recipes' crop draws that takes
-decoding from 1.97 to 1.40 ms per image (one core).  simplejpeg, the whole-image decoder, bundles
-libjpeg-turbo but offers no region, and neither do Pillow or torchvision, hence this small ctypes binding.
+decoding from 1.97 to 1.40 ms per image (one core); the evaluation's centre crop needs less of the
+image too.  simplejpeg, the whole-image decoder, bundles libjpeg-turbo but offers no region, and
+neither do Pillow or torchvision, hence this small ctypes binding.
 
 The pixels are those of a whole-image decode cropped to the box, bit for bit: the region grows by
 one pixel on each side, which gives the fancy chroma upsampler the neighbours it reads at the box's
 edges, and its left edge moves down to an iMCU boundary as libjpeg-turbo requires.
 
 The library is ``SHUFFLENETV2_LIBTURBOJPEG`` when set, else the copy the ``turbojpeg`` wheel carries
-(the ``fast-jpeg`` extra), else the system's ``libturbojpeg`` if it is 3.0 or newer.  Without one, or
-with ``SHUFFLENETV2_LIBTURBOJPEG=none``, ``available()`` says False and workers decode whole images,
-slower but with the same pixels.
+(the ``fast-jpeg`` extra; a pre-3.0 build of August 2023 with the 3.0 API), else the system's
+``libturbojpeg`` if it is 3.0 or newer.  Without one, or with ``SHUFFLENETV2_LIBTURBOJPEG=none``,
+``available()`` says False and workers decode whole images, slower but with the same pixels.
 """
 
 from __future__ import annotations
@@ -112,13 +113,24 @@ def _handle(library: ctypes.CDLL) -> int:
 
 
 def decode_box(
-    raw: bytes, top: int, left: int, height: int, width: int, factor: int = 1, fast_dct: bool = False
+    raw: bytes,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    factor: int = 1,
+    fast_dct: bool = False,
+    out: np.ndarray | None = None,
 ) -> Tensor | None:
     """The (height, width, 3) uint8 RGB pixels of a box of the image decoded at 1/``factor`` scale.
 
     The box is in the scaled image's pixels, whose size is the JPEG's divided by ``factor``, rounded
-    up.  None when libjpeg-turbo refuses the file or reports a warning (truncated, corrupt, CMYK, an
-    unusual subsampling): the caller decodes it some other way or reports what is wrong with it.
+    up.  With ``out``, a C-contiguous uint8 array of the whole scaled image's shape (H, W, 3), the box
+    (and the context around it) is decoded in place and all of ``out`` is returned as a tensor; its other
+    pixels keep what they held.  That serves a resize that must see the whole image's geometry.
+
+    None when libjpeg-turbo refuses the file or reports a warning (truncated, corrupt, CMYK, an unusual
+    subsampling): the caller decodes it some other way or reports what is wrong with it.
     """
     library = _library()
     if library is None:
@@ -136,12 +148,21 @@ def decode_box(
     step = max(1, imcu // factor)  # the scaled iMCU width the region's left edge must be a multiple of
     x0, y0 = max(0, left - CONTEXT) // step * step, max(0, top - CONTEXT)
     x1, y1 = min(full_width, left + width + CONTEXT), min(full_height, top + height + CONTEXT)
-    pixels = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    if out is None:
+        pixels = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        address, pitch = pixels.ctypes.data, 0  # pitch 0: rows of exactly the region's width
+    else:
+        if out.shape != (full_height, full_width, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous uint8 ({full_height}, {full_width}, 3) array")
+        pixels, pitch = out, full_width * 3
+        address = out.ctypes.data + y0 * pitch + x0 * 3
     library.tj3Set(handle, TJPARAM_FASTDCT, int(fast_dct))
     if (
         library.tj3SetScalingFactor(handle, _Scaling(1, factor)) != 0
         or library.tj3SetCroppingRegion(handle, _Region(x0, y0, x1 - x0, y1 - y0)) != 0
-        or library.tj3Decompress8(handle, raw, len(raw), pixels.ctypes.data, 0, TJPF_RGB) != 0
+        or library.tj3Decompress8(handle, raw, len(raw), address, pitch, TJPF_RGB) != 0
     ):
         return None
+    if out is not None:
+        return torch.from_numpy(out)
     return torch.from_numpy(pixels)[top - y0 : top - y0 + height, left - x0 : left - x0 + width]

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -261,13 +262,42 @@ def scale_box(box: tuple[int, int, int, int], height: int, width: int, to_height
     )
 
 
+def source_span(start: int, stop: int, in_size: int, out_size: int) -> tuple[int, int]:
+    """The input pixels [a, b) that torch's antialiased bilinear resize from ``in_size`` to ``out_size``
+    reads for the outputs [start, stop): each output's window around its centre, as torch computes it."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # bilinear's support of 1, widened by the scale when shrinking
+    return max(int(scale * (start + 0.5) - support + 0.5), 0), min(int(scale * (stop - 0.5) + support + 0.5), in_size)
+
+
 class EvalSampleTransform(_SampleTransform):
-    """Resize the shorter side to ``floor(image_resize / crop_pct)``, centre crop, uint8; full-size decode."""
+    """Resize the shorter side to ``floor(image_resize / crop_pct)``, centre crop, uint8; full-size decode.
+
+    With libjpeg-turbo 3 only the source pixels the centre crop's outputs read are decoded, in place in
+    an otherwise unwritten full-size image, so the resize sees the whole image's geometry and the crop's
+    pixels are those of a whole decode; the rest of the resized image is thrown away with the crop.
+    """
+
+    SLACK = 4  # output pixels of margin around the crop: the decoded span never depends on rounding
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.resize = math.floor(cfg.image_resize / cfg.crop_pct)
         self.identity = identity_params()
+        self.decode_region = jpeg_region.available()  # only what the crop needs; False decodes whole images
+
+    def _decode_centre(self, raw: bytes, height: int, width: int) -> Tensor | None:
+        """A full-size (H, W, 3) image whose pixels under the centre crop are decoded, or None."""
+        short, long = min(height, width), max(height, width)
+        resized_long = int(self.resize * long / short)  # torchvision's rule for a shorter-side size
+        out_h, out_w = (self.resize, resized_long) if height <= width else (resized_long, self.resize)
+        if out_h < self.size or out_w < self.size:  # the crop pads the image: decode all of it
+            return None
+        top, left = round((out_h - self.size) / 2), round((out_w - self.size) / 2)
+        y0, y1 = source_span(max(0, top - self.SLACK), min(out_h, top + self.size + self.SLACK), height, out_h)
+        x0, x1 = source_span(max(0, left - self.SLACK), min(out_w, left + self.size + self.SLACK), width, out_w)
+        canvas = np.empty((height, width, 3), dtype=np.uint8)
+        return jpeg_region.decode_box(raw, y0, x0, y1 - y0, x1 - x0, out=canvas)
 
     def _finish(self, hwc: Tensor) -> AugmentedImage:
         image = TF.center_crop(self._resize(hwc, [self.resize]), [self.size])
@@ -277,7 +307,9 @@ class EvalSampleTransform(_SampleTransform):
         return self._finish(image.permute(1, 2, 0))
 
     def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> AugmentedImage:
-        hwc = decode_jpeg_scaled(raw, height, width)
+        hwc = self._decode_centre(raw, height, width) if self.decode_region else None
+        if hwc is None:
+            hwc = decode_jpeg_scaled(raw, height, width)
         return self._finish(load_image(path).permute(1, 2, 0) if hwc is None else hwc)
 
 

@@ -14,10 +14,11 @@ import pytest
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from shufflenetv2 import jpeg_region
 from shufflenetv2.config import Config
-from shufflenetv2.pipeline import TrainSampleTransform
+from shufflenetv2.pipeline import EvalSampleTransform, TrainSampleTransform, source_span
 
 needs_library = pytest.mark.skipif(
     not jpeg_region.available(), reason="no libjpeg-turbo 3: pip install -e '.[fast-jpeg]' (make does)"
@@ -70,6 +71,22 @@ def test_box_equals_the_whole_decode_cropped(subsampling: str) -> None:
                     assert region is not None and region.shape == (bh, bw, 3)
                     expected = reference[top : top + bh, left : left + bw]
                     assert np.array_equal(region.numpy(), expected), (h, w, factor, fast_dct, top, left, bh, bw)
+
+
+@needs_library
+def test_decoding_in_place_writes_only_the_box_and_its_context() -> None:
+    raw = encode(203, 317, seed=5)
+    reference = whole(raw, 1, False)
+    for top, left, bh, bw in [(50, 70, 40, 100), (0, 0, 203, 317), (150, 300, 53, 17)]:
+        canvas = np.full((203, 317, 3), 7, dtype=np.uint8)
+        result = jpeg_region.decode_box(raw, top, left, bh, bw, out=canvas)
+        assert result is not None and result.data_ptr() == canvas.ctypes.data  # the canvas itself
+        assert np.array_equal(canvas[top : top + bh, left : left + bw], reference[top : top + bh, left : left + bw])
+        written = np.zeros((203, 317), dtype=bool)  # the box, a pixel of context, the left edge's iMCU
+        written[max(0, top - 1) : top + bh + 1, max(0, left - 1) // 16 * 16 : left + bw + 1] = True
+        assert (canvas[~written] == 7).all()
+    with pytest.raises(ValueError, match=r"C-contiguous uint8 \(203, 317, 3\) array"):
+        jpeg_region.decode_box(raw, 0, 0, 8, 8, out=np.zeros((203, 316, 3), dtype=np.uint8))
 
 
 @needs_library
@@ -150,6 +167,54 @@ def test_train_samples_are_the_same_with_and_without_region_decoding(tmp_path: P
     assert same_samples(transform, big, range(40)) + same_samples(transform, small, range(10)) == 50
 
 
+def test_source_span_is_what_the_resize_reads() -> None:
+    """An output range computed from a span of the input alone equals the whole resize's (torch's kernel)."""
+    rng = np.random.default_rng(6)
+    for in_size, out_size in [(375, 256), (500, 341), (1000, 256), (240, 256), (150, 256), (256, 256)]:
+        image = torch.from_numpy(rng.integers(0, 256, (3, 8, in_size), dtype=np.uint8))
+        full = TF.resize(image, [8, out_size], antialias=True)
+        for start, stop in [(0, out_size), (16, min(out_size, 240)), (out_size - 5, out_size)]:
+            a, b = source_span(start, stop, in_size, out_size)
+            garbled = image.clone()
+            garbled[..., :a] = 255 - garbled[..., :a]  # change everything outside the span
+            garbled[..., b:] = 255 - garbled[..., b:]
+            part = TF.resize(garbled, [8, out_size], antialias=True)[..., start:stop]
+            assert torch.equal(part, full[..., start:stop]), (in_size, out_size, start, stop)
+    assert source_span(16, 240, 375, 256) == (23, 352)  # 1.46 source px per output px, plus the support
+
+
+def same_eval_samples(transform: EvalSampleTransform, path: Path) -> None:
+    outputs = []
+    for region in (True, False):
+        transform.decode_region = region
+        outputs.append(transform.from_file(path).pixels)
+    assert torch.equal(*outputs), path
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("height", "width", "subsampling", "image_resize", "crop_pct"),
+    [
+        (375, 500, 2, 224, 0.875),  # ImageNet-like landscape
+        (500, 375, 0, 224, 0.875),  # portrait, 4:4:4
+        (333, 1000, 1, 224, 0.875),  # a panorama: most columns are never decoded
+        (1000, 300, 2, 224, 0.95),
+        (240, 250, 2, 224, 0.875),  # upsampled to 256
+        (150, 180, 0, 224, 0.875),
+        (230, 230, 2, 224, 1.0),  # the crop is the whole resized image
+        (97, 131, 2, 64, 0.8),
+    ],
+)
+def test_eval_samples_are_the_same_with_and_without_region_decoding(
+    tmp_path: Path, height: int, width: int, subsampling: int, image_resize: int, crop_pct: float
+) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(encode(height, width, seed=height, subsampling=subsampling))
+    transform = EvalSampleTransform(cfg_for(image_resize=image_resize, crop_pct=crop_pct))
+    assert transform.decode_region
+    same_eval_samples(transform, path)
+
+
 @needs_library
 @pytest.mark.skipif(not HYMENOPTERA.exists(), reason=f"{HYMENOPTERA} is not there (only CI and developers have it)")
 def test_region_decoding_on_real_photos(tmp_path: Path) -> None:
@@ -160,3 +225,6 @@ def test_region_decoding_on_real_photos(tmp_path: Path) -> None:
     photos = sorted(tmp_path.rglob("*.jp*g"))
     transform = TrainSampleTransform(cfg_for(image_resize=224))
     assert len(photos) >= 50 and sum(same_samples(transform, path, range(2)) for path in photos) == 2 * len(photos)
+    evaluation = EvalSampleTransform(cfg_for(image_resize=224))
+    for path in photos:
+        same_eval_samples(evaluation, path)
