@@ -22,7 +22,8 @@ its CPU time after decoding, on per-image float work.  Here a worker does only w
 order, clamped after each as torchvision's float kernels do), the normalisation and the erasing to
 the whole uint8 batch wherever the batch lives: on the GPU it costs nothing measurable, on a CPU it
 runs in cache-sized chunks and erases with one slice per image.  The eval transform (resize, centre
-crop) is deterministic and decodes at full size, so its pixels are those of the per-image pipeline.
+crop) is deterministic and decodes at full scale (with libjpeg-turbo 3 only the part the crop reads),
+so its pixels are those of the per-image pipeline.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def source_span(start: int, stop: int, in_size: int, out_size: int) -> tuple[int
 
 
 class EvalSampleTransform(_SampleTransform):
-    """Resize the shorter side to ``floor(image_resize / crop_pct)``, centre crop, uint8; full-size decode.
+    """Resize the shorter side to ``floor(image_resize / crop_pct)``, centre crop, uint8; full-scale decode.
 
     With libjpeg-turbo 3 only the source pixels the centre crop's outputs read are decoded, in place in
     an otherwise unwritten full-size image, so the resize sees the whole image's geometry and the crop's
