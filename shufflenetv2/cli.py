@@ -174,10 +174,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         results["train_rows"] = [dataclasses.asdict(r) for r in rows]
     if "data" in args.suites:
         from .bench_data import benchmark_pipelines
-
-        root = Path(args.data)
         from .jpeg_region import library_path
 
+        root = Path(args.data)
         rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
         results["jpeg_region_library"] = library_path()  # None: workers decoded whole JPEGs

@@ -105,7 +105,7 @@ def library_path() -> str | None:
 _local = threading.local()  # a TurboJPEG handle is not thread-safe: one per thread (worker processes copy it)
 
 
-def _handle(library: ctypes.CDLL) -> int:
+def _handle(library: ctypes.CDLL) -> int | None:
     handle = getattr(_local, "handle", None)
     if handle is None:
         handle = _local.handle = library.tj3Init(TJINIT_DECOMPRESS)
@@ -151,10 +151,10 @@ def decode_box(
     if out is None:
         pixels = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         address, pitch = pixels.ctypes.data, 0  # pitch 0: rows of exactly the region's width
+    elif out.shape != (full_height, full_width, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 ({full_height}, {full_width}, 3) array")
     else:
-        if out.shape != (full_height, full_width, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous uint8 ({full_height}, {full_width}, 3) array")
-        pixels, pitch = out, full_width * 3
+        pitch = full_width * 3
         address = out.ctypes.data + y0 * pitch + x0 * 3
     library.tj3Set(handle, TJPARAM_FASTDCT, int(fast_dct))
     if (

@@ -135,6 +135,22 @@ def reduction_for(box_height: int, box_width: int, size: int) -> int:
     return factor
 
 
+def scale_box(box: Box, height: int, width: int, to_height: int, to_width: int) -> Box:
+    """A (top, left, height, width) box of a height x width image in the pixels of its to_height x to_width
+    reduced decode: within half a pixel there, a quarter of an output pixel."""
+    if (to_height, to_width) == (height, width):
+        return box
+    top, left, box_height, box_width = box
+    scale_h, scale_w = to_height / height, to_width / width
+    top, left = round(top * scale_h), round(left * scale_w)
+    return (
+        top,
+        left,
+        max(1, min(round(box_height * scale_h), to_height - top)),
+        max(1, min(round(box_width * scale_w), to_width - left)),
+    )
+
+
 def decode_jpeg_scaled(raw: bytes, height: int, width: int, factor: int = 1, fast_dct: bool = False) -> Tensor | None:
     """An (H', W', 3) uint8 RGB array decoded at 1/``factor`` scale, or None to fall back to ``load_image``.
 
@@ -245,22 +261,6 @@ class TrainSampleTransform(_SampleTransform):
         if hwc is None:
             return self._finish(load_image(path).permute(1, 2, 0), drawn, flips, params)
         return self._finish(hwc, scale_box(drawn, height, width, hwc.shape[0], hwc.shape[1]), flips, params)
-
-
-def scale_box(box: tuple[int, int, int, int], height: int, width: int, to_height: int, to_width: int) -> Box:
-    """A (top, left, height, width) box of a height x width image in the pixels of its to_height x to_width
-    reduced decode: within half a pixel there, a quarter of an output pixel."""
-    if (to_height, to_width) == (height, width):
-        return box
-    top, left, box_height, box_width = box
-    scale_h, scale_w = to_height / height, to_width / width
-    top, left = round(top * scale_h), round(left * scale_w)
-    return (
-        top,
-        left,
-        max(1, min(round(box_height * scale_h), to_height - top)),
-        max(1, min(round(box_width * scale_w), to_width - left)),
-    )
 
 
 def source_span(start: int, stop: int, in_size: int, out_size: int) -> tuple[int, int]:
