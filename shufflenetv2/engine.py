@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
-from . import optim
+from . import optim, pipeline
 from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -380,7 +380,8 @@ class Trainer:
         log.info(
             f"{cfg.model}: {data_mod.describe_dataset(self.train_set)}; {self.batches_per_epoch} batches/epoch of "
             f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {ctx.device}; "
-            f"{self.precision.describe()}; mode {cfg.mode} ({'torch.compile' if cfg.mode == 0 else 'eager'})"
+            f"{self.precision.describe()}; mode {cfg.mode} ({'torch.compile' if cfg.mode == 0 else 'eager'}); "
+            f"input: {pipeline.describe_input(cfg)}"
         )
         last_eval = None
         run_start = time.perf_counter()

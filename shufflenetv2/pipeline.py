@@ -393,6 +393,17 @@ def build_batch_transform(cfg: Config, train: bool) -> BatchTransform:
     return BatchTransform(cfg, train)
 
 
+def describe_input(cfg: Config) -> str:
+    """The training log's word on the input path, so that a run says whether JPEGs decode crop boxes only."""
+    if not uses_fast_pipeline(cfg):
+        return "per-image transforms (data_pipeline classic)"
+    if cfg.decode_on_device:
+        return "fast pipeline, JPEGs decoded on the device"
+    if jpeg_region.available():
+        return "fast pipeline, JPEG crop boxes decoded alone (libjpeg-turbo 3)"
+    return "fast pipeline, whole JPEGs decoded (no libjpeg-turbo 3: pip install 'shufflenetv2[fast-jpeg]')"
+
+
 def uses_fast_pipeline(cfg: Config) -> bool:
     """``data_pipeline auto`` takes the fast path unless an auto-augment policy needs per-image float work."""
     return cfg.data_pipeline == "fast" or (cfg.data_pipeline == "auto" and not cfg.auto_augment)

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from shufflenetv2 import jpeg_region
 from shufflenetv2.config import Config
-from shufflenetv2.pipeline import EvalSampleTransform, TrainSampleTransform, source_span
+from shufflenetv2.pipeline import EvalSampleTransform, TrainSampleTransform, describe_input, source_span
 
 needs_library = pytest.mark.skipif(
     not jpeg_region.available(), reason="no libjpeg-turbo 3: pip install -e '.[fast-jpeg]' (make does)"
@@ -228,3 +228,18 @@ def test_region_decoding_on_real_photos(tmp_path: Path) -> None:
     evaluation = EvalSampleTransform(cfg_for(image_resize=224))
     for path in photos:
         same_eval_samples(evaluation, path)
+
+
+def test_the_training_log_says_how_jpegs_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_for()
+    found = "JPEG crop boxes decoded alone" if jpeg_region.available() else "whole JPEGs decoded"
+    assert found in describe_input(cfg)
+    classic = dataclasses.replace(cfg, data_pipeline="classic")
+    assert describe_input(classic) == "per-image transforms (data_pipeline classic)"
+    assert describe_input(dataclasses.replace(cfg, decode_on_device=True)).endswith("JPEGs decoded on the device")
+    monkeypatch.setenv(jpeg_region.LIBRARY_VARIABLE, "none")
+    jpeg_region._library.cache_clear()
+    try:  # without the library the log says what to install
+        assert "whole JPEGs decoded (no libjpeg-turbo 3: pip install 'shufflenetv2[fast-jpeg]')" in describe_input(cfg)
+    finally:
+        jpeg_region._library.cache_clear()
