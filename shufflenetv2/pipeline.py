@@ -175,6 +175,8 @@ class _SampleTransform:
     def __init__(self, cfg: Config) -> None:
         self.size = cfg.image_resize
         self.interpolation = interpolation_mode(cfg.interpolation)
+        # decode only what the crop reads (libjpeg-turbo 3); False decodes whole images, same pixels
+        self.decode_region = jpeg_region.available()
 
     def from_file(self, path: str | os.PathLike[str]) -> AugmentedImage:
         """The sample for the file at ``path``; JPEGs take the fast decoder, everything else ``load_image``."""
@@ -209,7 +211,6 @@ class TrainSampleTransform(_SampleTransform):
         self.crop = v2.RandomResizedCrop(self.size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)
         self.hflip, self.vflip = cfg.hflip, cfg.vflip
         self.fast_dct = cfg.fast_dct
-        self.decode_region = jpeg_region.available()  # only the crop box; False decodes whole images
         self.jitter = v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter) if cfg.color_jitter else None
         self.erase = (
             v2.RandomErasing(p=cfg.re_prob, scale=cfg.re_scale, ratio=cfg.re_ratio, value=cfg.re_value)
@@ -285,7 +286,6 @@ class EvalSampleTransform(_SampleTransform):
         super().__init__(cfg)
         self.resize = math.floor(cfg.image_resize / cfg.crop_pct)
         self.identity = identity_params()
-        self.decode_region = jpeg_region.available()  # only what the crop needs; False decodes whole images
 
     def _decode_centre(self, raw: bytes, height: int, width: int) -> Tensor | None:
         """A full-size (H, W, 3) image whose pixels under the centre crop are decoded, or None."""
