@@ -90,6 +90,10 @@ def main() -> None:
     mindcv_path = Path(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/mindcv_cpu.json")
     bench = json.loads(bench_path.read_text())
     mindcv = json.loads(mindcv_path.read_text()) if mindcv_path.exists() else None
+    machine = bench.get("machine", {})
+    # results written before the CPU was recorded say only "x86_64"
+    print(f"{bench_path}: {machine.get('cpu', machine.get('processor', 'machine not recorded'))}, "
+          f"torch {machine.get('torch', '?')}\n")  # fmt: skip
     inference(bench)
     print()
     training(bench, mindcv)

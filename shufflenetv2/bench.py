@@ -35,6 +35,23 @@ BACKENDS = (
 )  # fmt: skip
 
 
+ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FILE``), run like ours-onnxruntime
+
+
+def expand_backends(names: list[str]) -> list[str]:
+    """Backend names as given on the command line, where a name without its ``ours-`` or ``torchvision-``
+    prefix (``onnxruntime``, ``eager``, ``compiled``, ``fused``) stands for every backend of that kind,
+    so ``--backend onnxruntime`` runs both ONNX Runtime rows.  Order of first mention, no repeats."""
+    chosen: list[str] = []
+    for name in names:
+        matches = [name] if name in BACKENDS else [b for b in BACKENDS if b.split("-", 1)[1] == name]
+        if not matches:
+            kinds = ", ".join(sorted({b.split("-", 1)[1] for b in BACKENDS}))
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}, or a kind: {kinds}")
+        chosen += [b for b in matches if b not in chosen]
+    return chosen
+
+
 @dataclasses.dataclass
 class Row:
     model: str
@@ -93,17 +110,27 @@ def _torch_runner(module: nn.Module, x: torch.Tensor, amp: torch.dtype | None = 
 
 
 def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
-    import onnxruntime as ort
-
     path = Path(tempfile.mkdtemp()) / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         export_onnx(module, path, input_size=x.shape[-1])
+    return onnx_file_runner(path, x, threads)
+
+
+def onnx_session(path: str | Path, threads: int) -> object:
+    """An ONNX Runtime CPU session as every ONNX row runs it: ``threads`` intra-op threads, one inter-op."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"images": x.contiguous().numpy()}
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_file_runner(path: str | Path, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    """Runs the ONNX file at ``path`` on ``x``, fed to its first input whatever its name."""
+    session = onnx_session(path, threads)
+    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
     return lambda: session.run(None, feed)
 
 
@@ -124,10 +151,12 @@ def benchmark(
     image_size: int = 224,
     device: str = "cpu",
     amp: torch.dtype | None = None,
+    onnx_file: str | Path | None = None,
 ) -> dict[str, object]:
     """Every (model, batch, backend) row; backends are ``ours-eager``, ``ours-fused``, ``ours-fused-compiled``,
     ``ours-onnxruntime``, ``torchvision-eager``, ``torchvision-compiled``, ``torchvision-onnxruntime``.
-    ``amp`` runs the torch rows under autocast (bfloat16 on a GPU, say); ONNX Runtime rows are CPU-only."""
+    ``amp`` runs the torch rows under autocast (bfloat16 on a GPU, say); ONNX Runtime rows are CPU-only.
+    ``onnx_file`` adds a row (``ONNX_FILE``) for that file in ONNX Runtime, timed in turn with the others."""
     torch.set_num_threads(threads)
     target = torch.device(device)
     if target.type != "cpu" and any(b.endswith("onnxruntime") for b in backends):
@@ -143,13 +172,19 @@ def benchmark(
         for batch in batches:
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(target)
             runs, setups = [], []
-            for backend in backends:
+            row_backends = [*backends, ONNX_FILE] if onnx_file is not None else list(backends)
+            for backend in row_backends:
                 start = time.perf_counter()
-                run = _runner(backend, ours, theirs, x, threads, amp)
+                run = (
+                    onnx_file_runner(onnx_file, x, threads)
+                    if backend == ONNX_FILE
+                    else _runner(backend, ours, theirs, x, threads, amp)
+                )
                 run()  # the first call (compilation, session warm-up) is setup
                 setups.append(time.perf_counter() - start)
                 runs.append((run, _calibrate(run, warmup, iterations)))
-            for backend, setup, rates in zip(backends, setups, interleaved_rounds(runs, batch, repeats), strict=True):
+            measured = interleaved_rounds(runs, batch, repeats)
+            for backend, setup, rates in zip(row_backends, setups, measured, strict=True):
                 median = statistics.median(rates)
                 spread = (min(rates), max(rates))
                 rows.append(Row(name, batch, backend, median, spread, 1000 * batch / median, setup, rates))
@@ -165,15 +200,38 @@ def benchmark(
             "image_size": image_size,
             "dtype": "float32" if amp is None else f"autocast {str(amp).replace('torch.', '')}",
             "device": device,
+            "onnx_file": None if onnx_file is None else str(onnx_file),
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "logical_cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine_record(),
+    }
+
+
+def cpu_identity() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers (a VM may name only the vendor's
+    line, "AMD EPYC", where family 25 model 1 and model 17 are two generations), and the vector ISA torch's
+    kernels dispatch to.  Ratios to torchvision move with the CPU: the same training step measured 1.43-1.48x
+    on the VM of the earlier committed runs and 1.71x on a family 25 model 17 (AVX-512) one."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def machine_record() -> dict[str, object]:
+    """What a result file says of the machine that produced it."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_identity(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "logical_cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

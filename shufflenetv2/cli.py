@@ -146,23 +146,30 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .bench import benchmark, write_results
+    from .bench import benchmark, expand_backends, machine_record, write_results
     from .host_memory import keep_freed_memory
 
     if "data" in args.suites and not args.data:  # before any suite runs, not after minutes of them
         raise ShuffleNetV2Error("bench --suites data needs --data DIR: a folder with train/ and val/ class folders")
-    if "inference" in args.suites and args.device != "cpu" and any(b.endswith("onnxruntime") for b in args.backends):
+    try:
+        backends = expand_backends(args.backends)
+    except ValueError as exc:
+        raise ShuffleNetV2Error(str(exc)) from None
+    on_cpu_only = args.onnx or any(b.endswith("onnxruntime") for b in backends)
+    if "inference" in args.suites and args.device != "cpu" and on_cpu_only:
         raise ShuffleNetV2Error(
-            "the onnxruntime backends run on the CPU only; on a GPU name the others with --backends"
+            "the onnxruntime backends and --onnx run on the CPU only; on a GPU name the others with --backends"
         )
+    if args.onnx:
+        _check_onnx_file(args.onnx, args.models, args.input_size)
     results: dict[str, object] = {}
     # every row of the process (ours and torchvision's) under the allocator the training loop uses
     reuse = keep_freed_memory()
     amp = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp]
     if "inference" in args.suites:
         results = benchmark(
-            args.models, args.batches, args.backends, threads=args.threads, warmup=args.warmup,
-            repeats=args.repeats, iterations=args.iterations, image_size=args.input_size, device=args.device, amp=amp,
+            args.models, args.batches, backends, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            iterations=args.iterations, image_size=args.input_size, device=args.device, amp=amp, onnx_file=args.onnx,
         )  # fmt: skip
     if "train" in args.suites:
         from .bench_train import benchmark_training
@@ -181,8 +188,42 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
         results["jpeg_region_library"] = library_path()  # None: workers decoded whole JPEGs
     results["host_memory"] = "glibc malloc keeps freed memory (host_memory)" if reuse else "malloc as configured"
+    results.setdefault("machine", machine_record())  # every suite's file says where it ran
     if args.json:
         print(f"wrote {write_results(results, args.json)}")
+
+
+def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
+    """Before any row runs: ``bench --onnx`` needs one width to compare with, and a file ONNX Runtime loads
+    whose input takes (batch, 3, input_size, input_size) images."""
+    from .bench import onnx_session
+
+    if len(models) != 1:
+        raise ShuffleNetV2Error(
+            f"bench --onnx compares the file with torchvision's model of the same width: name that width alone "
+            f"with --models (got {' '.join(models)})"
+        )
+    if not Path(path).is_file():
+        raise ShuffleNetV2Error(f"{path}: no such file; write one with `shufflenetv2 export WEIGHTS {path}`")
+    try:
+        inputs = onnx_session(path, 1).get_inputs()
+    except Exception as exc:  # onnxruntime's own exception types differ between versions
+        raise ShuffleNetV2Error(
+            f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]}); export it again "
+            "with `shufflenetv2 export`"
+        ) from None
+    shape = inputs[0].shape if inputs else []
+    if len(inputs) != 1 or len(shape) != 4 or shape[1] not in (3, "3"):
+        raise ShuffleNetV2Error(
+            f"{path}: bench feeds one (batch, 3, H, W) image tensor, but the model's inputs are "
+            f"{[(i.name, i.shape) for i in inputs]}"
+        )
+    fixed = [side for side in shape[2:] if isinstance(side, int)]  # `export` fixes H and W to its --input-size
+    if any(side != input_size for side in fixed):
+        raise ShuffleNetV2Error(
+            f"{path} takes {shape[2]} x {shape[3]} images and bench would feed {input_size} x {input_size}: "
+            f"pass --input-size {fixed[0]}, or export it again with --input-size {input_size}"
+        )
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -242,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", nargs="+", default=["inference"], choices=["inference", "train", "data"])
     p.add_argument("--models", nargs="+", default=["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"], choices=list(WIDTHS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--backends", "--backend", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    p.add_argument(
+        "--backends", "--backend", nargs="+", default=list(BACKENDS), metavar="BACKEND",
+        help=f"any of {', '.join(BACKENDS)}; or a kind without its prefix (onnxruntime: both ONNX Runtime rows)",
+    )  # fmt: skip
+    p.add_argument("--onnx", metavar="FILE", help="also time this ONNX file (from `export`) in ONNX Runtime")
     p.add_argument("--train-models", nargs="+", default=["shufflenet_v2_x0_5"], choices=list(WIDTHS))
     p.add_argument("--train-batches", nargs="+", type=int, default=[32])
     p.add_argument("--train-backends", nargs="+", default=list(TRAIN_BACKENDS), choices=list(TRAIN_BACKENDS))

@@ -57,6 +57,10 @@ def test_bench_train_and_data_suites(tmp_path: Path) -> None:
     assert rows == [(s, b) for s in ("train", "eval") for b in DATA_BACKENDS if s == "train" or b not in TRAIN_ONLY]
     assert results["jpeg_region_library"] == jpeg_region.library_path()  # which decoder the fast rows used
     assert all(r["images_per_second"] > 0 for r in results["data_rows"])
+    # the machine is recorded without the inference suite too, down to the kernels torch dispatched to
+    assert results["machine"]["cpu"].endswith(f"torch kernels {torch.backends.cpu.get_cpu_capability()}")
+    if Path("/proc/cpuinfo").exists():
+        assert "family" in results["machine"]["cpu"]  # a VM's "AMD EPYC" alone does not tell generations apart
     assert main(["bench", "--suites", "data"]) == 2  # no --data: a clear error, not a traceback
 
 

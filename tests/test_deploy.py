@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shufflenetv2 import create_model, save_weights
+from shufflenetv2.bench import ONNX_FILE, expand_backends
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
@@ -190,6 +191,53 @@ def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
     assert [(r["backend"], r["batch"]) for r in results["rows"]] == [("ours-fused", 1), ("torchvision-eager", 1)]
     assert all(r["images_per_second"] > 0 and r["spread"][0] <= r["images_per_second"] for r in results["rows"])
     assert results["models"]["shufflenet_v2_x0_5"]["params"] == 1_365_792
+
+
+def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
+    assert expand_backends(["onnxruntime"]) == ["ours-onnxruntime", "torchvision-onnxruntime"]
+    assert expand_backends(["ours-fused", "eager", "torchvision-eager"]) == [
+        "ours-fused", "ours-eager", "torchvision-eager"
+    ]  # fmt: skip
+    assert expand_backends(["fused"]) == ["ours-fused"]  # only ours has it
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: compiled, eager"):
+        expand_backends(["tensorrt"])
+
+
+def test_bench_times_an_exported_onnx_file_beside_torchvisions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``bench --backend onnxruntime --onnx FILE``: the file `export` wrote, in turn with both ONNX Runtime rows."""
+    pytest.importorskip("onnxruntime")
+    src = save_weights(tmp_path / "w.safetensors", _model("shufflenet_v2_x0_5", "mindcv"))
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(src), str(onnx_path), "--input-size", "64"]) == 0
+    out = tmp_path / "bench.json"
+    common = ["bench", "--batches", "2", "--warmup", "1", "--repeats", "2", "--iterations", "1", "--input-size",
+              "64", "--threads", "1"]  # fmt: skip
+    args = [*common, "--models", "shufflenet_v2_x0_5", "--backend", "onnxruntime", "--onnx", str(onnx_path)]
+    assert main([*args, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = [(r["backend"], r["batch"]) for r in results["rows"]]
+    assert rows == [("ours-onnxruntime", 2), ("torchvision-onnxruntime", 2), (ONNX_FILE, 2)]
+    assert all(r["images_per_second"] > 0 for r in results["rows"])
+    assert results["settings"]["onnx_file"] == str(onnx_path)
+    assert torch.backends.cpu.get_cpu_capability() in results["machine"]["cpu"]  # which kernels ran
+    capsys.readouterr()
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all" * 10)
+    bad_input = tmp_path / "grey.onnx"
+    export_onnx(nn.Conv2d(1, 2, 1), bad_input)  # a (batch, 1, H, W) input: not a colour-image model
+    refusals = {
+        "name that width alone": [*common, "--onnx", str(onnx_path)],  # the default --models names two widths
+        "no such file": [*common, "--models", "shufflenet_v2_x0_5", "--onnx", str(tmp_path / "missing.onnx")],
+        "cannot load it": [*common, "--models", "shufflenet_v2_x0_5", "--onnx", str(garbage)],
+        "(batch, 3, H, W)": [*common, "--models", "shufflenet_v2_x0_5", "--onnx", str(bad_input)],
+        "pass --input-size 64": [*args, "--input-size", "96"],  # the file takes 64-px images
+        "unknown backend 'onnx'": [*common, "--backend", "onnx"],
+    }
+    for message, argv in refusals.items():
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("bias", [True, False])
