@@ -28,10 +28,14 @@ def ratio(row: dict, base: dict) -> float:
 
 def inference(bench: dict) -> None:
     by_key = {(r["model"], r["batch"], r["backend"]): r for r in bench["rows"]}
-    backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime",
-                "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime"]  # fmt: skip
-    print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best ours / tv ONNX Runtime |")
-    print("|---" * (len(backends) + 3) + "|")
+    backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime", "ours-openvino",
+                "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime",
+                "torchvision-openvino"]  # fmt: skip
+    backends = [b for b in backends if any(key[2] == b for key in by_key)]  # OpenVINO rows only where they ran
+    openvino = "torchvision-openvino" in backends
+    extra = " best ours / tv OpenVINO |" if openvino else ""
+    print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best ours / tv ONNX Runtime |" + extra)
+    print("|---" * (len(backends) + 3 + openvino) + "|")
     for model, batch in sorted({(m, b) for m, b, _ in by_key}):
         rows = {b: by_key[(m, n, b)] for m, n, b in by_key if (m, n) == (model, batch)}
         fastest = max(("ours-fused", "ours-fused-compiled"), key=lambda b: rows[b]["images_per_second"])
@@ -39,7 +43,8 @@ def inference(bench: dict) -> None:
         cells = " | ".join(f"{rows[b]['images_per_second']:.1f}" if b in rows else "" for b in backends)
         to_eager = ratio(rows[fastest], rows["torchvision-eager"])
         to_ort = ratio(rows[best], rows["torchvision-onnxruntime"])
-        print(f"| {MODELS[model]} b{batch} | {cells} | {to_eager:.2f}x | {to_ort:.2f}x |")
+        to_openvino = f" {ratio(rows[best], rows['torchvision-openvino']):.2f}x |" if openvino else ""
+        print(f"| {MODELS[model]} b{batch} | {cells} | {to_eager:.2f}x | {to_ort:.2f}x |{to_openvino}")
 
 
 def training(bench: dict, mindcv: dict | None) -> None:

@@ -33,6 +33,10 @@ BACKENDS = (
     "ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime",
     "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime",
 )  # fmt: skip
+# Another runtime a user could pick: the same ONNX files in OpenVINO, named explicitly (the openvino extra)
+OPENVINO_BACKENDS = ("ours-openvino", "torchvision-openvino")
+ALL_BACKENDS = BACKENDS + OPENVINO_BACKENDS
+CPU_ONLY_KINDS = ("onnxruntime", "openvino")  # runtimes that bench runs on the CPU only
 
 
 ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FILE``), run like ours-onnxruntime
@@ -44,10 +48,10 @@ def expand_backends(names: list[str]) -> list[str]:
     so ``--backend onnxruntime`` runs both ONNX Runtime rows.  Order of first mention, no repeats."""
     chosen: list[str] = []
     for name in names:
-        matches = [name] if name in BACKENDS else [b for b in BACKENDS if b.split("-", 1)[1] == name]
+        matches = [name] if name in ALL_BACKENDS else [b for b in ALL_BACKENDS if b.split("-", 1)[1] == name]
         if not matches:
-            kinds = ", ".join(sorted({b.split("-", 1)[1] for b in BACKENDS}))
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}, or a kind: {kinds}")
+            kinds = ", ".join(sorted({b.split("-", 1)[1] for b in ALL_BACKENDS}))
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}, or a kind: {kinds}")
         chosen += [b for b in matches if b not in chosen]
     return chosen
 
@@ -117,6 +121,23 @@ def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[
     return onnx_file_runner(path, x, threads)
 
 
+def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    """The module's ONNX export compiled by OpenVINO for the CPU: ``threads`` inference threads, float32
+    (OpenVINO would otherwise compute in bf16 on CPUs that have it), one stream, as a latency-bound user
+    runs it; the call returns the logits."""
+    import openvino
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(module, path, input_size=x.shape[-1])
+    core = openvino.Core()
+    settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    request = core.compile_model(core.read_model(str(path)), "CPU", settings).create_infer_request()
+    feed = x.contiguous().numpy()
+    return lambda: request.infer({0: feed})[0]
+
+
 def onnx_session(path: str | Path, threads: int) -> object:
     """An ONNX Runtime CPU session as every ONNX row runs it: ``threads`` intra-op threads, one inter-op."""
     import onnxruntime as ort
@@ -159,8 +180,8 @@ def benchmark(
     ``onnx_file`` adds a row (``ONNX_FILE``) for that file in ONNX Runtime, timed in turn with the others."""
     torch.set_num_threads(threads)
     target = torch.device(device)
-    if target.type != "cpu" and any(b.endswith("onnxruntime") for b in backends):
-        raise ValueError("the onnxruntime rows run on the CPU only; leave them out with --backends on a GPU")
+    if target.type != "cpu" and any(b.endswith(CPU_ONLY_KINDS) for b in backends):
+        raise ValueError("the onnxruntime and openvino rows run on the CPU only; leave them out on a GPU")
     rows: list[Row] = []
     info: dict[str, object] = {}
     for name in names:
@@ -253,6 +274,10 @@ def _runner(
         return _torch_runner(torch.compile(theirs), x, amp)
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads)
+    if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts
+        return _openvino_runner(fuse(ours, channels_last=False), x, threads)
+    if backend == "torchvision-openvino":
+        return _openvino_runner(theirs, x, threads)
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -146,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .bench import benchmark, expand_backends, machine_record, write_results
+    from .bench import CPU_ONLY_KINDS, benchmark, expand_backends, machine_record, write_results
     from .host_memory import keep_freed_memory
 
     if "data" in args.suites and not args.data:  # before any suite runs, not after minutes of them
@@ -155,11 +155,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         backends = expand_backends(args.backends)
     except ValueError as exc:
         raise ShuffleNetV2Error(str(exc)) from None
-    on_cpu_only = args.onnx or any(b.endswith("onnxruntime") for b in backends)
+    on_cpu_only = args.onnx or any(b.endswith(CPU_ONLY_KINDS) for b in backends)
     if "inference" in args.suites and args.device != "cpu" and on_cpu_only:
         raise ShuffleNetV2Error(
-            "the onnxruntime backends and --onnx run on the CPU only; on a GPU name the others with --backends"
+            "the onnxruntime and openvino backends and --onnx run on the CPU only; on a GPU name the others "
+            "with --backends"
         )
+    if "inference" in args.suites and any(b.endswith("openvino") for b in backends) and not _importable("openvino"):
+        raise ShuffleNetV2Error("the openvino backends need OpenVINO: pip install 'shufflenetv2[openvino]'")
     if args.onnx:
         _check_onnx_file(args.onnx, args.models, args.input_size)
     results: dict[str, object] = {}
@@ -191,6 +194,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     results.setdefault("machine", machine_record())  # every suite's file says where it ran
     if args.json:
         print(f"wrote {write_results(results, args.json)}")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
@@ -275,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     p.set_defaults(func=_cmd_export)
 
-    from .bench import BACKENDS
+    from .bench import ALL_BACKENDS, BACKENDS
     from .bench_data import DATA_BACKENDS
     from .bench_train import TRAIN_BACKENDS
 
@@ -285,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument(
         "--backends", "--backend", nargs="+", default=list(BACKENDS), metavar="BACKEND",
-        help=f"any of {', '.join(BACKENDS)}; or a kind without its prefix (onnxruntime: both ONNX Runtime rows)",
+        help=f"any of {', '.join(ALL_BACKENDS)} (default: all but openvino); or a kind without its prefix "
+        "(onnxruntime: both ONNX Runtime rows)",
     )  # fmt: skip
     p.add_argument("--onnx", metavar="FILE", help="also time this ONNX file (from `export`) in ONNX Runtime")
     p.add_argument("--train-models", nargs="+", default=["shufflenet_v2_x0_5"], choices=list(WIDTHS))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from shufflenetv2 import create_model, save_weights
-from shufflenetv2.bench import ONNX_FILE, expand_backends
+from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_backends, torchvision_model
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
@@ -199,6 +199,7 @@ def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
         "ours-fused", "ours-eager", "torchvision-eager"
     ]  # fmt: skip
     assert expand_backends(["fused"]) == ["ours-fused"]  # only ours has it
+    assert expand_backends(["openvino"]) == ["ours-openvino", "torchvision-openvino"]  # named, never by default
     with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: compiled, eager"):
         expand_backends(["tensorrt"])
 
@@ -238,6 +239,26 @@ def test_bench_times_an_exported_onnx_file_beside_torchvisions(tmp_path: Path, c
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_bench_openvino_rows_compute_the_logits(tmp_path: Path) -> None:
+    """The OpenVINO peer runs the same functions: our fused export and torchvision's, float32, to 1e-4."""
+    pytest.importorskip("openvino")
+    model = _model("shufflenet_v2_x0_5", "mindcv").eval()
+    theirs = torchvision_model("shufflenet_v2_x0_5")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for backend, reference in (("ours-openvino", model), ("torchvision-openvino", theirs)):
+        with torch.no_grad():
+            expected = reference(x).numpy()
+        got = _runner(backend, model, theirs, x, threads=1)()
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "shufflenet_v2_x0_5", "--batches", "1", "--backend", "openvino", "--warmup", "1",
+            "--repeats", "2", "--iterations", "1", "--input-size", "64", "--threads", "1",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == list(OPENVINO_BACKENDS) and all(r["images_per_second"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("bias", [True, False])
