@@ -37,8 +37,6 @@ BACKENDS = (
 OPENVINO_BACKENDS = ("ours-openvino", "torchvision-openvino")
 ALL_BACKENDS = BACKENDS + OPENVINO_BACKENDS
 CPU_ONLY_KINDS = ("onnxruntime", "openvino")  # runtimes that bench runs on the CPU only
-
-
 ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FILE``), run like ours-onnxruntime
 
 
@@ -113,12 +111,17 @@ def _torch_runner(module: nn.Module, x: torch.Tensor, amp: torch.dtype | None = 
     return run
 
 
-def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+def _exported(module: nn.Module, x: torch.Tensor) -> Path:
+    """``module`` exported to a temporary ONNX file for inputs shaped like ``x``."""
     path = Path(tempfile.mkdtemp()) / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         export_onnx(module, path, input_size=x.shape[-1])
-    return onnx_file_runner(path, x, threads)
+    return path
+
+
+def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    return onnx_file_runner(_exported(module, x), x, threads)
 
 
 def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
@@ -127,13 +130,10 @@ def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callab
     runs it; the call returns the logits."""
     import openvino
 
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(module, path, input_size=x.shape[-1])
     core = openvino.Core()
     settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    request = core.compile_model(core.read_model(str(path)), "CPU", settings).create_infer_request()
+    model = core.read_model(str(_exported(module, x)))
+    request = core.compile_model(model, "CPU", settings).create_infer_request()
     feed = x.contiguous().numpy()
     return lambda: request.infer({0: feed})[0]
 
@@ -174,9 +174,8 @@ def benchmark(
     amp: torch.dtype | None = None,
     onnx_file: str | Path | None = None,
 ) -> dict[str, object]:
-    """Every (model, batch, backend) row; backends are ``ours-eager``, ``ours-fused``, ``ours-fused-compiled``,
-    ``ours-onnxruntime``, ``torchvision-eager``, ``torchvision-compiled``, ``torchvision-onnxruntime``.
-    ``amp`` runs the torch rows under autocast (bfloat16 on a GPU, say); ONNX Runtime rows are CPU-only.
+    """Every (model, batch, backend) row; backends are those of ``ALL_BACKENDS``.  ``amp`` runs the torch
+    rows under autocast (bfloat16 on a GPU, say); ONNX Runtime and OpenVINO rows are CPU-only.
     ``onnx_file`` adds a row (``ONNX_FILE``) for that file in ONNX Runtime, timed in turn with the others."""
     torch.set_num_threads(threads)
     target = torch.device(device)
@@ -231,7 +230,7 @@ def cpu_identity() -> str:
     """The CPU as /proc/cpuinfo names it, with its family and model numbers (a VM may name only the vendor's
     line, "AMD EPYC", where family 25 model 1 and model 17 are two generations), and the vector ISA torch's
     kernels dispatch to.  Ratios to torchvision move with the CPU: the same training step measured 1.43-1.48x
-    on the VM of the earlier committed runs and 1.71x on a family 25 model 17 (AVX-512) one."""
+    torchvision's on the VM of the earlier committed runs and 1.71-1.73x on a family 25 model 17 (AVX-512) one."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
