@@ -20,8 +20,10 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,8 +87,11 @@ def interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int,
     for _ in range(repeats):
         for index, (run, iterations) in enumerate(runs):
             start = time.perf_counter()
-            for _ in range(iterations):
-                run()
+            if isinstance(run, OpenVINOProcess):
+                run.calls(iterations)  # the whole round in the child
+            else:
+                for _ in range(iterations):
+                    run()
             rates[index].append(batch * iterations / (time.perf_counter() - start))
     return rates
 
@@ -124,18 +129,85 @@ def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[
     return onnx_file_runner(_exported(module, x), x, threads)
 
 
-def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
-    """The module's ONNX export compiled by OpenVINO for the CPU: ``threads`` inference threads, float32
-    (OpenVINO would otherwise compute in bf16 on CPUs that have it), one stream, as a latency-bound user
-    runs it; the call returns the logits."""
-    import openvino
+def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> OpenVINOProcess:
+    return OpenVINOProcess(_exported(module, x), x, threads)
 
-    core = openvino.Core()
-    settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    model = core.read_model(str(_exported(module, x)))
-    request = core.compile_model(model, "CPU", settings).create_infer_request()
-    feed = x.contiguous().numpy()
-    return lambda: request.infer({0: feed})[0]
+
+def _serve_openvino(path: str, feed: np.ndarray, threads: int, conn: Connection) -> None:
+    """The child's side of ``OpenVINOProcess``: compile, say so (or why not), then run what is asked."""
+    try:
+        import openvino
+
+        core = openvino.Core()
+        settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        request = core.compile_model(core.read_model(path), "CPU", settings).create_infer_request()
+    except Exception as exc:  # an import, read or compile failure, told to the parent in words
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ok", None))
+    while (message := _receive_or_none(conn)) is not None:
+        calls, want_logits = message
+        for _ in range(calls):
+            logits = request.infer({0: feed})[0]
+        conn.send(("ok", np.array(logits) if want_logits else None))
+
+
+def _receive_or_none(conn: Connection) -> object:
+    try:
+        return conn.recv()
+    except EOFError:  # the parent is gone
+        return None
+
+
+class OpenVINOProcess:
+    """An ONNX file compiled by OpenVINO for the CPU, run in a child process: ``threads`` inference threads,
+    float32 (OpenVINO would otherwise compute in bf16 on CPUs that have it), one stream, as a latency-bound
+    user runs it.  Calling it runs one inference and returns the logits; ``calls(n)`` runs n back to back
+    for one message each way, so a timed round pays one pipe round trip, not one per call.
+
+    A child of its own, because OpenVINO's libraries and an inductor-compiled model in one process ended in
+    a segmentation fault (the test suite, OpenVINO 2026.4, torch 2.14), and the parent waits while the child
+    runs, so the rounds still take turns on the same cores."""
+
+    def __init__(self, path: str | Path, x: torch.Tensor, threads: int) -> None:
+        import multiprocessing
+        import weakref
+
+        context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive it
+        self._conn, child_end = context.Pipe()
+        process = context.Process(
+            target=_serve_openvino, args=(str(path), x.contiguous().numpy(), threads, child_end), daemon=True
+        )
+        process.start()
+        child_end.close()
+        weakref.finalize(self, _stop_child, self._conn, process)
+        self._process = process
+        self._answer()  # compiled, or the child's reason why not
+
+    def __call__(self) -> np.ndarray:
+        self._conn.send((1, True))
+        return self._answer()
+
+    def calls(self, count: int) -> None:
+        self._conn.send((count, False))
+        self._answer()
+
+    def _answer(self) -> object:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            code = self._process.exitcode
+            raise RuntimeError(f"the OpenVINO process ended without answering (exit code {code})") from None
+        if status == "error":
+            raise RuntimeError(f"OpenVINO could not run the model: {value}")
+        return value
+
+
+def _stop_child(conn: Connection, process: object) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()  # the child's recv ends, and so does the child
+    process.join(5)
 
 
 def onnx_session(path: str | Path, threads: int) -> object:
