@@ -302,7 +302,7 @@ def cpu_identity() -> str:
     """The CPU as /proc/cpuinfo names it, with its family and model numbers (a VM may name only the vendor's
     line, "AMD EPYC", where family 25 model 1 and model 17 are two generations), and the vector ISA torch's
     kernels dispatch to.  Ratios to torchvision move with the CPU: the same training step measured 1.43-1.48x
-    torchvision's on the VM of the earlier committed runs and 1.71-1.73x on a family 25 model 17 (AVX-512) one."""
+    torchvision's on the VM of the earlier committed runs and 1.68-1.73x on a family 25 model 17 (AVX-512) one."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
