@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +245,8 @@ def test_bench_times_an_exported_onnx_file_beside_torchvisions(tmp_path: Path, c
 
 def test_bench_openvino_rows_compute_the_logits(tmp_path: Path) -> None:
     """The OpenVINO peer runs the same functions: our fused export and torchvision's, float32, to 1e-4."""
-    pytest.importorskip("openvino")
+    if importlib.util.find_spec("openvino") is None:  # found, not imported: this process must stay without it
+        pytest.skip("openvino is not installed (the openvino extra, part of dev)")
     model = _model("shufflenet_v2_x0_5", "mindcv").eval()
     theirs = torchvision_model("shufflenet_v2_x0_5")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
@@ -259,6 +262,7 @@ def test_bench_openvino_rows_compute_the_logits(tmp_path: Path) -> None:
     assert main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["backend"] for r in rows] == list(OPENVINO_BACKENDS) and all(r["images_per_second"] > 0 for r in rows)
+    assert "openvino" not in sys.modules  # its libraries stay in the child: beside inductor's they crashed
 
 
 @pytest.mark.parametrize("bias", [True, False])
