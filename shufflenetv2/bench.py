@@ -255,6 +255,7 @@ def benchmark(
         raise ValueError("the onnxruntime and openvino rows run on the CPU only; leave them out on a GPU")
     rows: list[Row] = []
     info: dict[str, object] = {}
+    row_backends = [*backends, ONNX_FILE] if onnx_file is not None else list(backends)
     for name in names:
         ours = build_network(name).eval()
         theirs = torchvision_model(name)
@@ -264,14 +265,9 @@ def benchmark(
         for batch in batches:
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(target)
             runs, setups = [], []
-            row_backends = [*backends, ONNX_FILE] if onnx_file is not None else list(backends)
             for backend in row_backends:
                 start = time.perf_counter()
-                run = (
-                    onnx_file_runner(onnx_file, x, threads)
-                    if backend == ONNX_FILE
-                    else _runner(backend, ours, theirs, x, threads, amp)
-                )
+                run = _runner(backend, ours, theirs, x, threads, amp, onnx_file)
                 run()  # the first call (compilation, session warm-up) is setup
                 setups.append(time.perf_counter() - start)
                 runs.append((run, _calibrate(run, warmup, iterations)))
@@ -328,7 +324,13 @@ def machine_record() -> dict[str, object]:
 
 
 def _runner(
-    backend: str, ours: nn.Module, theirs: nn.Module, x: torch.Tensor, threads: int, amp: torch.dtype | None = None
+    backend: str,
+    ours: nn.Module,
+    theirs: nn.Module,
+    x: torch.Tensor,
+    threads: int,
+    amp: torch.dtype | None = None,
+    onnx_file: str | Path | None = None,
 ) -> Callable[[], object]:
     nhwc = x.contiguous(memory_format=torch.channels_last)
     if backend == "ours-eager":
@@ -349,6 +351,8 @@ def _runner(
         return _openvino_runner(fuse(ours, channels_last=False), x, threads)
     if backend == "torchvision-openvino":
         return _openvino_runner(theirs, x, threads)
+    if backend == ONNX_FILE and onnx_file is not None:
+        return onnx_file_runner(onnx_file, x, threads)
     raise ValueError(f"unknown backend {backend!r}")
 
 
