@@ -28,23 +28,28 @@ def ratio(row: dict, base: dict) -> float:
 
 def inference(bench: dict) -> None:
     by_key = {(r["model"], r["batch"], r["backend"]): r for r in bench["rows"]}
-    backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime", "ours-openvino",
-                "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime",
-                "torchvision-openvino"]  # fmt: skip
+    backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
+                "ours-openvino", "torchvision-eager", "torchvision-compiled", "torchvision-frozen",
+                "torchvision-onnxruntime", "torchvision-openvino"]  # fmt: skip
     backends = [b for b in backends if any(key[2] == b for key in by_key)]  # OpenVINO rows only where they ran
     openvino = "torchvision-openvino" in backends
     extra = " best ours / tv OpenVINO |" if openvino else ""
-    print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best ours / tv ONNX Runtime |" + extra)
-    print("|---" * (len(backends) + 3 + openvino) + "|")
+    print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best PyTorch, ours / tv |"
+          " best ours / tv ONNX Runtime |" + extra)  # fmt: skip
+    print("|---" * (len(backends) + 4 + openvino) + "|")
     for model, batch in sorted({(m, b) for m, b, _ in by_key}):
         rows = {b: by_key[(m, n, b)] for m, n, b in by_key if (m, n) == (model, batch)}
-        fastest = max(("ours-fused", "ours-fused-compiled"), key=lambda b: rows[b]["images_per_second"])
+        pytorch = [b for b in ("ours-fused", "ours-fused-compiled", "ours-fused-frozen") if b in rows]
+        fastest = max(pytorch, key=lambda b: rows[b]["images_per_second"])
         best = max((b for b in rows if b.startswith("ours")), key=lambda b: rows[b]["images_per_second"])
         cells = " | ".join(f"{rows[b]['images_per_second']:.1f}" if b in rows else "" for b in backends)
         to_eager = ratio(rows[fastest], rows["torchvision-eager"])
+        theirs = [b for b in ("torchvision-eager", "torchvision-compiled", "torchvision-frozen") if b in rows]
+        to_pytorch = ratio(rows[fastest], rows[max(theirs, key=lambda b: rows[b]["images_per_second"])])
         to_ort = ratio(rows[best], rows["torchvision-onnxruntime"])
         to_openvino = f" {ratio(rows[best], rows['torchvision-openvino']):.2f}x |" if openvino else ""
-        print(f"| {MODELS[model]} b{batch} | {cells} | {to_eager:.2f}x | {to_ort:.2f}x |{to_openvino}")
+        ratios = f"{to_eager:.2f}x | {to_pytorch:.2f}x | {to_ort:.2f}x |{to_openvino}"
+        print(f"| {MODELS[model]} b{batch} | {cells} | {ratios}")
 
 
 def training(bench: dict, mindcv: dict | None) -> None:
@@ -99,13 +104,11 @@ def main() -> None:
     # results written before the CPU was recorded say only "x86_64"
     print(f"{bench_path}: {machine.get('cpu', machine.get('processor', 'machine not recorded'))}, "
           f"torch {machine.get('torch', '?')}\n")  # fmt: skip
-    inference(bench)
-    print()
-    training(bench, mindcv)
-    print()
-    data(bench)
+    for table, key in ((inference, "rows"), (lambda b: training(b, mindcv), "train_rows"), (data, "data_rows")):
+        if bench.get(key):  # a run of some suites only (``bench --suites inference``) has only their tables
+            table(bench)
+            print()
     if mindcv:
-        print()
         mindcv_rows(mindcv)
 
 

@@ -1,5 +1,5 @@
-"""Side-by-side inference measurements: our model (eager, fused, compiled, ONNX Runtime) against
-torchvision's ``shufflenet_v2`` (eager, compiled, ONNX Runtime), same torch, threads and inputs.
+"""Side-by-side inference measurements: our model (eager, fused, compiled, frozen, ONNX Runtime) against
+torchvision's ``shufflenet_v2`` (eager, compiled, frozen, ONNX Runtime), same torch, threads and inputs.
 
 Each row is timed in ``repeats`` rounds of ``iterations`` calls after ``warmup`` calls, the rows of one
 (model, batch) taking turns within each round; the figures are the median round and the spread
@@ -11,6 +11,7 @@ between rows measured in the same run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -27,13 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .deploy import ONNX_CHANNEL_MULTIPLE, export_onnx, fuse
+from .deploy import ONNX_CHANNEL_MULTIPLE, FrozenCompiled, export_onnx, fuse
 from .model import build_network
 from .summary import summarize
 
 BACKENDS = (
-    "ours-eager", "ours-fused", "ours-fused-compiled", "ours-onnxruntime",
-    "torchvision-eager", "torchvision-compiled", "torchvision-onnxruntime",
+    "ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
+    "torchvision-eager", "torchvision-compiled", "torchvision-frozen", "torchvision-onnxruntime",
 )  # fmt: skip
 # Another runtime a user could pick: the same ONNX files in OpenVINO, named explicitly (the openvino extra)
 OPENVINO_BACKENDS = ("ours-openvino", "torchvision-openvino")
@@ -44,13 +45,14 @@ ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FIL
 
 def expand_backends(names: list[str]) -> list[str]:
     """Backend names as given on the command line, where a name without its ``ours-`` or ``torchvision-``
-    prefix (``onnxruntime``, ``eager``, ``compiled``, ``fused``) stands for every backend of that kind,
-    so ``--backend onnxruntime`` runs both ONNX Runtime rows.  Order of first mention, no repeats."""
+    prefix (its last word: ``onnxruntime``, ``eager``, ``compiled``, ``frozen``, ``fused``) stands for
+    every backend of that kind, so ``--backend onnxruntime`` runs both ONNX Runtime rows and ``--backend
+    compiled`` both compiled ones.  Order of first mention, no repeats."""
     chosen: list[str] = []
     for name in names:
-        matches = [name] if name in ALL_BACKENDS else [b for b in ALL_BACKENDS if b.split("-", 1)[1] == name]
+        matches = [name] if name in ALL_BACKENDS else [b for b in ALL_BACKENDS if b.rsplit("-", 1)[1] == name]
         if not matches:
-            kinds = ", ".join(sorted({b.split("-", 1)[1] for b in ALL_BACKENDS}))
+            kinds = ", ".join(sorted({b.rsplit("-", 1)[1] for b in ALL_BACKENDS}))
             raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}, or a kind: {kinds}")
         chosen += [b for b in matches if b not in chosen]
     return chosen
@@ -265,6 +267,9 @@ def benchmark(
         for batch in batches:
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(target)
             runs, setups = [], []
+            # every compiled row of a model compiles the same forward; without a reset, the fourth (model,
+            # batch) of the frozen and compiled rows reached dynamo's recompile limit and ran eager
+            torch._dynamo.reset()
             for backend in row_backends:
                 start = time.perf_counter()
                 run = _runner(backend, ours, theirs, x, threads, amp, onnx_file)
@@ -339,12 +344,17 @@ def _runner(
         return _torch_runner(fuse(ours), nhwc, amp)
     if backend == "ours-fused-compiled":
         return _torch_runner(fuse(ours, compile=True), nhwc, amp)
+    if backend == "ours-fused-frozen":
+        return _torch_runner(fuse(ours, freeze=True), nhwc, amp)
     if backend == "ours-onnxruntime":
         return _onnx_runner(fuse(ours, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), x, threads)
     if backend == "torchvision-eager":
         return _torch_runner(theirs, x, amp)
     if backend == "torchvision-compiled":
         return _torch_runner(torch.compile(theirs), x, amp)
+    if backend == "torchvision-frozen":  # the same freezing offered to the peer, channels_last as ours (a copy:
+        # ``to(memory_format=...)`` converts in place, and the other torchvision rows must keep NCHW weights)
+        return _torch_runner(FrozenCompiled(copy.deepcopy(theirs).to(memory_format=torch.channels_last)), nhwc, amp)
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads)
     if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts

@@ -17,6 +17,7 @@ from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_bac
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
+    FrozenCompiled,
     FusedShuffleNetV2,
     PointwiseLinear,
     UnrolledDepthwise,
@@ -30,13 +31,34 @@ from .conftest import randomize_bn, shared_file
 
 
 def _model(name: str, layout: str, seed: int = 0) -> nn.Module:
-    """Random weights with non-trivial BN statistics and logits of order 10, so errors cannot hide."""
+    """Random weights with non-trivial BN statistics and logits of order 10 that depend on the image, so
+    errors cannot hide.  The running statistics are first measured on a random batch: with made-up ones
+    the signal of the image dies out within a few blocks, and the logits are nearly the same for every
+    input (1e-6 apart), which would leave the stem and the early blocks untested."""
     torch.manual_seed(seed)
     model = randomize_bn(build_network(name, 1000, 3, layout), seed)
-    head = model.classifier if layout == "mindcv" else model.fc
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a plain average over the calibration batch
+    batch = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
+        model.train()(batch)
+        for bn in bns:
+            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1)  # and not exactly the batch's
+        head = model.classifier if layout == "mindcv" else model.fc
         head.weight.normal_(0, 0.5)
-    return model
+        head.weight.mul_(10 / model.eval()(batch).abs().max())  # logits up to 10 on such images
+    return model.eval()
+
+
+def test_the_test_models_logits_depend_on_the_image() -> None:
+    for layout in LAYOUTS:
+        model = _model("shufflenet_v2_x0_5", layout)
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            y = model(x)
+        assert (y[0] - y[1]).abs().max() > 0.1 * y.abs().max() > 0.1
 
 
 def _inputs(seed: int = 1) -> list[torch.Tensor]:
@@ -202,6 +224,9 @@ def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
     ]  # fmt: skip
     assert expand_backends(["fused"]) == ["ours-fused"]  # only ours has it
     assert expand_backends(["openvino"]) == ["ours-openvino", "torchvision-openvino"]  # named, never by default
+    assert expand_backends(["compiled", "frozen"]) == [
+        "ours-fused-compiled", "torchvision-compiled", "ours-fused-frozen", "torchvision-frozen"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: compiled, eager"):
         expand_backends(["tensorrt"])
 
@@ -318,3 +343,38 @@ def test_compiled_fused_model_keeps_the_logits() -> None:
     with torch.no_grad():
         got = compiled(x.contiguous(memory_format=torch.channels_last))
         assert (got - model(x)).abs().max() < 1e-4
+
+
+def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> None:
+    """fuse(freeze=True): same logits at two batch sizes (the second recompiles, frozen too); the compiled
+    code calls oneDNN convolutions on weights packed at compile time, never ``aten.convolution``; and the
+    process-wide inductor config is left as it was, so other compiled modules are not frozen."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    frozen = fuse(model, freeze=True)
+    assert isinstance(frozen, FrozenCompiled)
+    assert not any(isinstance(m, (PointwiseLinear, UnrolledDepthwise)) for m in frozen.modules())  # oneDNN convs
+    generator = torch.Generator().manual_seed(4)
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 96, 96, generator=generator)
+        with torch.inference_mode():  # as bench runs it
+            got, code = run_and_get_code(frozen, x.contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            assert (got - model(x)).abs().max() < 1e-4
+        source = "\n".join(code)
+        assert source.count("mkldnn._convolution_pointwise") >= 50 and "_frozen_param" in source
+        assert "torch.ops.aten.convolution" not in source  # no convolution left that re-packs per call
+    assert inductor_config.freezing is False
+
+
+def test_torchvision_frozen_row_computes_torchvisions_logits() -> None:
+    """The peer gets the same freezing as ours (channels_last, oneDNN packing), and must still be itself."""
+    torch.manual_seed(0)
+    theirs = randomize_bn(build_network("shufflenet_v2_x0_5", 1000, 3, "torchvision"), 1).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = theirs(x)
+    got = _runner("torchvision-frozen", _model("shufflenet_v2_x0_5", "mindcv"), theirs, x, threads=1)()
+    assert (got - expected).abs().max() < 1e-4
