@@ -311,13 +311,14 @@ class FrozenCompiled(nn.Module):
     """``torch.compile`` with inductor's freezing: the weights become constants of the compiled graph, so
     on the CPU every convolution is a oneDNN call with its weights packed once at compile time and its
     ReLU fused in (eager, and plain compile, re-pack on every call).  The compiled graph keeps the weights
-    it was compiled with; this is a deploy module, not one to train or edit.  Freezing applies only to graphs compiled without autograd,
-    hence ``no_grad``; the config is patched per call, so that a recompile (a new batch size) also
-    freezes and other compiled modules in the process are unaffected.
+    it was compiled with; this is a deploy module, not one to train or edit.  Freezing applies only to
+    graphs compiled without autograd, hence ``no_grad``; the config is patched per call, so that a
+    recompile (a new batch size) also freezes and other compiled modules in the process are unaffected.
 
-    Measured paired against torchvision eager on this project's AVX-512 CPU, 2 threads: 3.1x at x0.5
-    batch 32 (fused 2.8x, fused + compile 2.4x), 2.5x at x1.0 batch 1 (compile 2.15x), 2.0x at x0.5
-    batch 1, where unrolled depthwise convolutions (``fuse(compile=True)``) stay ahead at 2.5x.
+    Against torchvision eager on this project's AVX-512 CPU, 2 threads (``benchmarks/results/cpu_frozen``):
+    3.3x at x0.5 batch 32 (fused 2.5x, compiled 2.3x), 2.2x at x1.0 batch 32 (1.7x); at batch 1 the
+    unrolled depthwise convolutions of ``fuse(compile=True)`` are ahead in that run (x0.5 3.1x against
+    2.2x, x1.0 2.5x against 2.2x; an earlier paired try had x1.0 batch 1 the other way, 2.5x against 2.15x).
     """
 
     def __init__(self, module: nn.Module) -> None:
