@@ -33,6 +33,53 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def calibrated(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights with non-trivial BN statistics and logits of order 10 that depend on the image, so
+    errors cannot hide.
+
+    With made-up running statistics alone (``randomize_bn``) the signal of the image dies out within a few
+    blocks and the logits are nearly the same for every input (1e-6 apart): a parity test at 1e-5 would then
+    not see an error in the stem or the early blocks.  So the statistics are measured on a random batch,
+    shifted a little (not exactly the batch's), and the head is scaled so that the logits reach about 10.
+    Works on any network with BatchNorm2d layers and a final ``nn.Linear`` (ours in either layout,
+    torchvision's)."""
+    torch.manual_seed(seed)
+    randomize_bn(model, seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a plain average over the calibration batch
+    batch = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.train()(batch)
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1)
+        head.weight.normal_(0, 0.5)
+        head.weight.mul_(10 / model.eval()(batch).abs().max())
+    return model.eval()
+
+
+def assert_depends_on_the_image(model: torch.nn.Module, size: int = 64) -> None:
+    """The guard for ``calibrated``: two noise images' logits differ by more than 3 % of their size, four
+    orders of magnitude above the parity tolerance (``assert_same_logits``).  At 224 px global pooling
+    averages the noise over 49 positions, so the part that depends on the image is smaller there (5-10 %)
+    than at 64 px (15-80 %); made-up statistics alone give 1e-7."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        y = model.eval()(x)
+    assert (y[0] - y[1]).abs().max() > 0.03 * y.abs().max() > 0.03
+
+
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, rtol: float = 2e-6) -> None:
+    """Equal up to float32 rounding: ``rtol`` of the largest logit (at least 1), a few ulps of sums that
+    are reordered by a conversion."""
+    scale = max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= rtol * scale, (got - expected).abs().max().item()
+
+
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x)

@@ -28,14 +28,14 @@ from shufflenetv2.checkpoint import (
 )
 from shufflenetv2.fileio import atomic_path
 
-from .conftest import randomize_bn
+from .conftest import calibrated
 
 MODEL = "shufflenet_v2_x0_5"
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return randomize_bn(create_model(MODEL, num_classes=3), seed=3)
+    return calibrated(create_model(MODEL, num_classes=3), seed=3)
 
 
 def _state(epoch: int = 1, **extra) -> dict:

@@ -11,7 +11,7 @@ import torch
 from shufflenetv2 import create_model, read_weights, save_weights
 from shufflenetv2.cli import main
 
-from .conftest import logits, randomize_bn, shared_file
+from .conftest import assert_same_logits, calibrated, logits, shared_file
 
 MACS_M = {"shufflenet_v2_x0_5": 41, "shufflenet_v2_x1_0": 146, "shufflenet_v2_x1_5": 299, "shufflenet_v2_x2_0": 591}
 PARAMS_M = {
@@ -54,8 +54,8 @@ def test_convert_preserves_logits(
     tmp_path: Path, src: str, dst: str, layout: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torchvision = pytest.importorskip("torchvision")
-    mindcv_model = randomize_bn(create_model("shufflenet_v2_x0_5", num_classes=10))
-    tv_model = randomize_bn(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
+    mindcv_model = calibrated(create_model("shufflenet_v2_x0_5", num_classes=10))
+    tv_model = calibrated(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
     for name in ("m.ckpt", "m.safetensors", "m.pth"):
         save_weights(tmp_path / name, mindcv_model)
     torch.save(tv_model.state_dict(), tmp_path / "tv.pth")
@@ -69,7 +69,7 @@ def test_convert_preserves_logits(
         "shufflenet_v2_x0_5", num_classes=10, checkpoint_path=tmp_path / dst, layout=weights.layout
     )
     x = torch.randn(2, 3, 224, 224)
-    assert (logits(converted, x) - logits(source, x)).abs().max().item() < 1e-5
+    assert_same_logits(logits(converted, x), logits(source, x))
 
 
 def test_convert_refusals_exit_2_without_traceback(tmp_path: Path) -> None:

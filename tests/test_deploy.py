@@ -27,38 +27,16 @@ from shufflenetv2.deploy import (
 )
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
-from .conftest import randomize_bn, shared_file
+from .conftest import assert_depends_on_the_image, calibrated, randomize_bn, shared_file
 
 
 def _model(name: str, layout: str, seed: int = 0) -> nn.Module:
-    """Random weights with non-trivial BN statistics and logits of order 10 that depend on the image, so
-    errors cannot hide.  The running statistics are first measured on a random batch: with made-up ones
-    the signal of the image dies out within a few blocks, and the logits are nearly the same for every
-    input (1e-6 apart), which would leave the stem and the early blocks untested."""
-    torch.manual_seed(seed)
-    model = randomize_bn(build_network(name, 1000, 3, layout), seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a plain average over the calibration batch
-    batch = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        model.train()(batch)
-        for bn in bns:
-            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1)  # and not exactly the batch's
-        head = model.classifier if layout == "mindcv" else model.fc
-        head.weight.normal_(0, 0.5)
-        head.weight.mul_(10 / model.eval()(batch).abs().max())  # logits up to 10 on such images
-    return model.eval()
+    return calibrated(build_network(name, 1000, 3, layout), seed)
 
 
 def test_the_test_models_logits_depend_on_the_image() -> None:
     for layout in LAYOUTS:
-        model = _model("shufflenet_v2_x0_5", layout)
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
-        with torch.no_grad():
-            y = model(x)
-        assert (y[0] - y[1]).abs().max() > 0.1 * y.abs().max() > 0.1
+        assert_depends_on_the_image(_model("shufflenet_v2_x0_5", layout))
 
 
 def _inputs(seed: int = 1) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from shufflenetv2 import build_network, create_model
 from shufflenetv2.model import WIDTHS, StemPool, global_average
 
-from .conftest import logits, randomize_bn
+from .conftest import assert_depends_on_the_image, assert_same_logits, calibrated, logits
 
 TRAINABLE = {  # MindCV's and the paper's counts at 1000 classes
     "shufflenet_v2_x0_5": 1_365_792,
@@ -114,12 +114,12 @@ def test_unknown_model_and_layout() -> None:
 @pytest.mark.parametrize("name", list(WIDTHS))
 def test_torchvision_layout_matches_torchvision(name: str) -> None:
     torchvision = pytest.importorskip("torchvision")
-    reference = randomize_bn(getattr(torchvision.models, name)(num_classes=1000))
+    reference = calibrated(getattr(torchvision.models, name)(num_classes=1000))
     ours = create_model(name, layout="torchvision").eval()
     ours.load_state_dict(reference.state_dict())  # unchanged names and shapes, strict
     for shape in [(2, 3, 224, 224), (1, 3, 97, 131)]:
         x = torch.randn(*shape)
-        assert (logits(ours, x) - logits(reference, x)).abs().max().item() < 1e-5
+        assert_same_logits(logits(ours, x), logits(reference, x))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
@@ -157,3 +157,11 @@ def test_global_average_is_the_mean_and_its_gradient_a_broadcast_view() -> None:
     (ours,) = torch.autograd.grad(global_average(x), x, grad)
     assert torch.equal(ours, mean_grad)
     assert ours.stride()[2:] == (0, 0)  # no NCHW tensor to meet the channels_last activations
+
+
+def test_the_calibrated_test_models_logits_depend_on_the_image() -> None:
+    """The parity tests above and in test_weights/test_cli/test_checkpoint lean on this: with logits that
+    hardly move between images, an error in the stem or the early blocks could not be seen."""
+    torchvision = pytest.importorskip("torchvision")
+    assert_depends_on_the_image(calibrated(torchvision.models.shufflenet_v2_x0_5(num_classes=10)), size=224)
+    assert_depends_on_the_image(calibrated(create_model("shufflenet_v2_x0_5", num_classes=10)), size=224)

@@ -14,7 +14,7 @@ from shufflenetv2.layout import convert_layout
 from shufflenetv2.mindspore_ckpt import parse_ckpt, read_ckpt, serialize_ckpt
 from shufflenetv2.model import WIDTHS
 
-from .conftest import logits, randomize_bn, shared_file
+from .conftest import assert_same_logits, calibrated, logits, shared_file
 
 FIXTURE = "fixtures/mindcv/shufflenet_v2_x0_5_c10"
 
@@ -55,7 +55,7 @@ def test_model_written_as_ckpt_matches_mindspore_bytes(tmp_path: Path) -> None:
 
 
 def _model(name: str = "shufflenet_v2_x0_5", layout: str = "mindcv", num_classes: int = 10, **kw) -> torch.nn.Module:
-    return randomize_bn(create_model(name, num_classes=num_classes, layout=layout, **kw))
+    return calibrated(create_model(name, num_classes=num_classes, layout=layout, **kw))
 
 
 def _ms_state_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -260,19 +260,19 @@ def test_mindcv_to_torchvision_is_exact() -> None:
     for shape in [(2, 3, 224, 224), (1, 3, 97, 131)]:
         x = torch.randn(*shape)
         reference = logits(model, x)
-        assert (logits(target, x) - reference).abs().max().item() < 1e-5 * max(1.0, reference.abs().max().item())
+        assert_same_logits(logits(target, x), reference)
 
 
 def test_torchvision_to_mindcv_is_exact(tmp_path: Path) -> None:
     torchvision = pytest.importorskip("torchvision")
-    reference = randomize_bn(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
+    reference = calibrated(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
     path = tmp_path / "tv.pth"
     torch.save(reference.state_dict(), path)
     ours = create_model("shufflenet_v2_x0_5", num_classes=10, checkpoint_path=path)  # MindCV layout
     assert ours.layout == "mindcv" and ours.max_pool.padding == "symmetric" and ours.classifier.bias is not None
     for shape in [(2, 3, 224, 224), (1, 3, 97, 131)]:
         x = torch.randn(*shape)
-        assert (logits(ours, x) - logits(reference, x)).abs().max().item() < 1e-5
+        assert_same_logits(logits(ours, x), logits(reference, x))
 
 
 def test_channels_really_move_in_conversion() -> None:
