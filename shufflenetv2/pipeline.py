@@ -393,15 +393,35 @@ def build_batch_transform(cfg: Config, train: bool) -> BatchTransform:
     return BatchTransform(cfg, train)
 
 
-def describe_input(cfg: Config) -> str:
-    """The training log's word on the input path, so that a run says whether JPEGs decode crop boxes only."""
+def describe_input(cfg: Config, dataset: object = None) -> str:
+    """The training log's word on the input path, so that a run says whether JPEGs decode crop boxes only.
+
+    With the dataset at hand it also says what there is to decode: the crop-box path only applies to JPEG
+    files, so a folder of PNGs (the digits demo) or in-memory arrays (CIFAR) must not claim it."""
     if not uses_fast_pipeline(cfg):
         return "per-image transforms (data_pipeline classic)"
+    files = _file_names(dataset)
+    if dataset is not None and files is None:
+        return "fast pipeline, images from in-memory arrays (nothing to decode)"
+    jpegs = None if files is None else sum(name.lower().endswith((".jpg", ".jpeg")) for name in files)
+    if jpegs == 0:
+        return "fast pipeline, no JPEG files (images decoded whole)"
+    share = "" if files is None or jpegs == len(files) else f" ({jpegs:,} of {len(files):,} files are JPEGs by name)"
     if cfg.decode_on_device:
-        return "fast pipeline, JPEGs decoded on the device"
+        return f"fast pipeline, JPEGs decoded on the device{share}"
     if jpeg_region.available():
-        return "fast pipeline, JPEG crop boxes decoded alone (libjpeg-turbo 3)"
-    return "fast pipeline, whole JPEGs decoded (no libjpeg-turbo 3: pip install 'shufflenetv2[fast-jpeg]')"
+        return f"fast pipeline, JPEG crop boxes decoded alone (libjpeg-turbo 3){share}"
+    return f"fast pipeline, whole JPEGs decoded (no libjpeg-turbo 3: pip install 'shufflenetv2[fast-jpeg]'){share}"
+
+
+def _file_names(dataset: object) -> list[str] | None:
+    """The file names a folder dataset (or a subset of one) reads, or None for any other dataset."""
+    indices = getattr(dataset, "indices", None)
+    samples = getattr(getattr(dataset, "base", dataset), "samples", None)
+    if samples is None:
+        return None
+    picked = samples if indices is None else [samples[i] for i in indices]
+    return [str(path) for path, _ in picked]
 
 
 def uses_fast_pipeline(cfg: Config) -> bool:

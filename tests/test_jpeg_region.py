@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from shufflenetv2 import jpeg_region
 from shufflenetv2.config import Config
+from shufflenetv2.data import ArrayImageDataset, ImageFolderDataset, SubsetDataset
 from shufflenetv2.pipeline import EvalSampleTransform, TrainSampleTransform, describe_input, source_span
 
 needs_library = pytest.mark.skipif(
@@ -135,6 +136,22 @@ def test_library_lookup_skips_what_is_not_libjpeg_turbo_3(tmp_path: Path, monkey
             jpeg_region.decode_box(encode(8, 8, seed=0), 0, 0, 8, 8)
     finally:
         jpeg_region._library.cache_clear()
+
+
+def test_the_training_log_says_what_there_is_to_decode(tmp_path: Path) -> None:
+    """The crop-box path is for JPEG files only: PNG folders and in-memory arrays say so instead."""
+    cfg = cfg_for()
+    for name in ("a.jpg", "b.JPEG", "c.png"):
+        folder = tmp_path / name[0]
+        folder.mkdir()
+        Image.new("RGB", (8, 8)).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    folder = ImageFolderDataset(tmp_path, None)
+    assert describe_input(cfg, folder).endswith("(2 of 3 files are JPEGs by name)")
+    assert describe_input(cfg, SubsetDataset(folder, [0, 1])) == describe_input(cfg)  # all JPEGs: no count
+    assert describe_input(cfg, SubsetDataset(folder, [2])) == "fast pipeline, no JPEG files (images decoded whole)"
+    arrays = ArrayImageDataset(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), [0, 1], ["x", "y"], None, "arrays")
+    assert describe_input(cfg, arrays) == "fast pipeline, images from in-memory arrays (nothing to decode)"
+    assert describe_input(cfg, SubsetDataset(arrays, [1])).endswith("(nothing to decode)")
 
 
 def cfg_for(**values) -> Config:
