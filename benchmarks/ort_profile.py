@@ -1,0 +1,62 @@
+"""Where ONNX Runtime spends its time in our exported graph and in torchvision's: time per operator type,
+from ORT's own profiler (its per-node timings add some overhead per node, which counts against
+torchvision's graph with its many small shape nodes more than against ours):
+
+    python benchmarks/ort_profile.py [MODEL] [BATCH]      (default shufflenet_v2_x0_5 32; 2 threads)
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import tempfile
+
+import torch
+
+from shufflenetv2.bench import _exported, onnx_session, torchvision_model
+from shufflenetv2.model import build_network
+
+RUNS = 30
+
+
+def profile(path: str, x: torch.Tensor, prefix: str) -> tuple[float, list[tuple[str, float, int]]]:
+    """ms per run in all, and (operator, ms per run, nodes) by time."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    options.enable_profiling, options.profile_file_prefix = True, prefix
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    onnx_session(path, 2).run(None, feed)  # the graph loads as the bench loads it
+    for _ in range(RUNS):
+        session.run(None, feed)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    spent: collections.Counter[str] = collections.Counter()
+    nodes: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            spent[event["args"]["op_name"]] += event["dur"]
+            nodes[event["args"]["op_name"]] += 1
+    total = sum(spent.values()) / RUNS / 1000
+    return total, [(op, us / RUNS / 1000, nodes[op] // RUNS) for op, us in spent.most_common()]
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "shufflenet_v2_x0_5"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224)
+    graphs = {"ours": _exported(build_network(name).eval(), x), "torchvision": _exported(torchvision_model(name), x)}
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, path in graphs.items():
+            total, ops = profile(str(path), x, f"{scratch}/{label}")
+            print(f"{label}: {total:.1f} ms per run ({name}, batch {batch}, sum of node times)")
+            for op, ms, count in ops[:12]:
+                print(f"  {op:24s} {ms:7.2f} ms  {count:4d} nodes  {100 * ms / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
