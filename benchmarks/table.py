@@ -26,30 +26,40 @@ def ratio(row: dict, base: dict) -> float:
     return row["images_per_second"] / base["images_per_second"]
 
 
+BACKENDS = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
+            "ours-openvino", "torchvision-eager", "torchvision-compiled", "torchvision-frozen",
+            "torchvision-onnxruntime", "torchvision-openvino"]  # fmt: skip
+OUR_PYTORCH = ["ours-fused", "ours-fused-compiled", "ours-fused-frozen"]
+OURS = [b for b in BACKENDS if b.startswith("ours")]
+# (header, our rows, their rows): the fastest present of each side, per (model, batch)
+RATIOS = [
+    ("our PyTorch / tv eager", OUR_PYTORCH, ["torchvision-eager"]),
+    ("best PyTorch, ours / tv", OUR_PYTORCH, ["torchvision-eager", "torchvision-compiled", "torchvision-frozen"]),
+    ("best ours / tv ONNX Runtime", OURS, ["torchvision-onnxruntime"]),
+    ("best ours / tv OpenVINO", OURS, ["torchvision-openvino"]),
+]
+
+
+def _fastest(rows: dict, names: list[str]) -> dict | None:
+    present = [rows[b] for b in names if b in rows]
+    return max(present, key=lambda r: r["images_per_second"]) if present else None
+
+
 def inference(bench: dict) -> None:
     by_key = {(r["model"], r["batch"], r["backend"]): r for r in bench["rows"]}
-    backends = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
-                "ours-openvino", "torchvision-eager", "torchvision-compiled", "torchvision-frozen",
-                "torchvision-onnxruntime", "torchvision-openvino"]  # fmt: skip
-    backends = [b for b in backends if any(key[2] == b for key in by_key)]  # OpenVINO rows only where they ran
-    openvino = "torchvision-openvino" in backends
-    extra = " best ours / tv OpenVINO |" if openvino else ""
-    print("| img/s | " + " | ".join(backends) + " | fused / tv eager | best PyTorch, ours / tv |"
-          " best ours / tv ONNX Runtime |" + extra)  # fmt: skip
-    print("|---" * (len(backends) + 4 + openvino) + "|")
+    groups = {}
     for model, batch in sorted({(m, b) for m, b, _ in by_key}):
-        rows = {b: by_key[(m, n, b)] for m, n, b in by_key if (m, n) == (model, batch)}
-        pytorch = [b for b in ("ours-fused", "ours-fused-compiled", "ours-fused-frozen") if b in rows]
-        fastest = max(pytorch, key=lambda b: rows[b]["images_per_second"])
-        best = max((b for b in rows if b.startswith("ours")), key=lambda b: rows[b]["images_per_second"])
-        cells = " | ".join(f"{rows[b]['images_per_second']:.1f}" if b in rows else "" for b in backends)
-        to_eager = ratio(rows[fastest], rows["torchvision-eager"])
-        theirs = [b for b in ("torchvision-eager", "torchvision-compiled", "torchvision-frozen") if b in rows]
-        to_pytorch = ratio(rows[fastest], rows[max(theirs, key=lambda b: rows[b]["images_per_second"])])
-        to_ort = ratio(rows[best], rows["torchvision-onnxruntime"])
-        to_openvino = f" {ratio(rows[best], rows['torchvision-openvino']):.2f}x |" if openvino else ""
-        ratios = f"{to_eager:.2f}x | {to_pytorch:.2f}x | {to_ort:.2f}x |{to_openvino}"
-        print(f"| {MODELS[model]} b{batch} | {cells} | {ratios}")
+        groups[model, batch] = {b: by_key[(m, n, b)] for m, n, b in by_key if (m, n) == (model, batch)}
+    backends = [b for b in BACKENDS if any(b in rows for rows in groups.values())]  # only rows that ran
+    columns = [c for c in RATIOS if any(_fastest(r, c[1]) and _fastest(r, c[2]) for r in groups.values())]
+    print("| img/s | " + " | ".join(backends + [header for header, _, _ in columns]) + " |")
+    print("|---" * (1 + len(backends) + len(columns)) + "|")
+    for (model, batch), rows in groups.items():
+        cells = [f"{rows[b]['images_per_second']:.1f}" if b in rows else "" for b in backends]
+        for _, ours, theirs in columns:
+            mine, base = _fastest(rows, ours), _fastest(rows, theirs)
+            cells.append(f"{ratio(mine, base):.2f}x" if mine and base else "")
+        print(f"| {MODELS[model]} b{batch} | " + " | ".join(cells) + " |")
 
 
 def training(bench: dict, mindcv: dict | None) -> None:

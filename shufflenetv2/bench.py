@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .deploy import ONNX_CHANNEL_MULTIPLE, FrozenCompiled, export_onnx, fuse
+from .deploy import FrozenCompiled, export_onnx, fuse, fuse_for_onnx
 from .model import build_network
 from .summary import summarize
 
@@ -347,7 +347,7 @@ def _runner(
     if backend == "ours-fused-frozen":
         return _torch_runner(fuse(ours, freeze=True), nhwc, amp)
     if backend == "ours-onnxruntime":
-        return _onnx_runner(fuse(ours, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), x, threads)
+        return _onnx_runner(fuse_for_onnx(ours), x, threads)
     if backend == "torchvision-eager":
         return _torch_runner(theirs, x, amp)
     if backend == "torchvision-compiled":

@@ -121,7 +121,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .deploy import ONNX_CHANNEL_MULTIPLE, export_onnx, export_program, fuse
+    from .deploy import export_onnx, export_program, fuse, fuse_for_onnx
 
     weights = read_weights(args.src)
     name = args.model or weights.arch["model"]
@@ -133,9 +133,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     )  # fmt: skip
     dst = Path(args.dst)
     if dst.suffix == ".onnx":
-        export_onnx(
-            fuse(model, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), dst, args.input_size, args.opset
-        )
+        export_onnx(fuse_for_onnx(model), dst, args.input_size, args.opset)
     elif dst.suffix == ".pt2":
         export_program(fuse(model, channels_last=False), dst, args.input_size)
     else:

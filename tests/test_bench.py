@@ -80,3 +80,45 @@ def test_channels_last_gradients_keep_their_layout() -> None:
     assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
     worst = max((p.grad - q.grad).abs().max() for p, q in zip(nchw.parameters(), nhwc.parameters(), strict=True))
     assert worst < 1e-10
+
+
+def _row(model: str, batch: int, backend: str, rounds: list[float]) -> dict:
+    return {"model": model, "batch": batch, "backend": backend, "images_per_second": float(np.median(rounds)),
+            "rounds": rounds}  # fmt: skip
+
+
+def _script(name: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / name), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_table_prints_the_ratio_columns_a_file_can_fill(tmp_path: Path) -> None:
+    """A file with only the ONNX Runtime rows gets their ratio and no PyTorch columns (it used to crash)."""
+    rows = [_row("shufflenet_v2_x0_5", 1, "ours-onnxruntime", [300.0, 200.0, 330.0]),
+            _row("shufflenet_v2_x0_5", 1, "torchvision-onnxruntime", [200.0, 200.0, 300.0])]  # fmt: skip
+    path = tmp_path / "ort.json"
+    path.write_text(json.dumps({"rows": rows}))
+    out = _script("table.py", str(path), str(tmp_path / "no_mindcv.json"))
+    assert "| x0.5 b1 | 300.0 | 200.0 | 1.10x |" in out  # the median of 1.5, 1.0, 1.1
+    assert "tv eager" not in out and "PyTorch" not in out
+    rows += [_row("shufflenet_v2_x0_5", 1, "ours-fused", [100.0, 100.0, 100.0]),
+             _row("shufflenet_v2_x0_5", 1, "torchvision-eager", [50.0, 40.0, 25.0])]  # fmt: skip
+    path.write_text(json.dumps({"rows": rows}))
+    out = _script("table.py", str(path), str(tmp_path / "no_mindcv.json"))
+    assert "| x0.5 b1 | 100.0 | 300.0 | 40.0 | 200.0 | 2.50x | 2.50x | 1.10x |" in out  # fused, ORT, eager, ORT
+
+
+def test_ort_by_speed_splits_the_rounds_by_torchvisions_speed(tmp_path: Path) -> None:
+    theirs = [100.0, 200.0, 300.0, 400.0, 500.0, 600.0]
+    ours = [200.0, 400.0, 330.0, 440.0, 500.0, 600.0]  # 2x in torchvision's slow rounds, 1.1x, then even
+    rows = [_row("shufflenet_v2_x0_5", 32, "ours-onnxruntime", ours),
+            _row("shufflenet_v2_x0_5", 32, "torchvision-onnxruntime", theirs)]  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows}))
+    out = _script("ort_by_speed.py", str(path))
+    assert "| x0_5 b32 | 6 | 2.00x (tv 100-200 img/s) | 1.10x (tv 300-400 img/s) | 1.00x (tv 500-600 img/s) |" in out

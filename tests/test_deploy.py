@@ -17,6 +17,7 @@ from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_bac
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
+    ONNX_STEM_MULTIPLE,
     FrozenCompiled,
     FusedShuffleNetV2,
     PointwiseLinear,
@@ -24,6 +25,7 @@ from shufflenetv2.deploy import (
     export_onnx,
     fold_batchnorm,
     fuse,
+    fuse_for_onnx,
 )
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
@@ -99,6 +101,38 @@ def test_fuse_keeps_the_models_device_and_dtype(channels_last: bool) -> None:
 def test_channel_multiple_must_be_positive() -> None:
     with pytest.raises(ValueError, match="channel_multiple must be a positive integer"):
         fuse(_model("shufflenet_v2_x0_5", "mindcv"), channel_multiple=0)
+    with pytest.raises(ValueError, match="stem_multiple must be a positive integer"):
+        fuse(_model("shufflenet_v2_x0_5", "mindcv"), stem_multiple=-16)
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"])
+def test_stem_padding_keeps_the_logits(name: str) -> None:
+    """The stem's 24 channels padded to 32 for ORT's blocked max-pool: float64 logits equal to 1e-10."""
+    model = _model(name, "mindcv").double()
+    padded = fuse_for_onnx(model)
+    assert padded.first_conv[0].out_channels == 32 == -(-24 // ONNX_STEM_MULTIPLE) * ONNX_STEM_MULTIPLE
+    assert padded.features[0].branch_proj[0].groups == 32  # the first block's depthwise reads them
+    x = torch.randn(2, 3, 64, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+        assert (expected - padded(x)).abs().max() < 1e-10 < expected.abs().max()
+
+
+def test_onnxruntime_keeps_the_padded_stem_in_its_blocked_layout(tmp_path: Path) -> None:
+    """What the stem padding is for: in ORT's optimized graph the stem convolution feeds a blocked-layout
+    (NCHWc) max-pool directly, with no reorder to plain NCHW and back around it."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = export_onnx(fuse_for_onnx(_model("shufflenet_v2_x0_5", "mindcv")), tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3  # the notice that the saved graph is specific to this CPU
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    pool = next(n for n in nodes if n.op_type == "MaxPool")
+    producer = next(n for n in nodes if pool.input[0] in n.output)
+    assert pool.domain == "com.microsoft.nchwc", [(n.op_type, n.domain) for n in nodes[:6]]
+    assert (producer.op_type, producer.domain) == ("Conv", "com.microsoft.nchwc")
 
 
 def test_fuse_leaves_the_original_untouched() -> None:
@@ -134,7 +168,7 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(name: str, layout:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     model = _model(name, layout)
-    path = export_onnx(fuse(model, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE), tmp_path / "m.onnx")
+    path = export_onnx(fuse_for_onnx(model), tmp_path / "m.onnx")
     graph = onnx.load(str(path))
     assert graph.opset_import[0].version >= 17
     assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
