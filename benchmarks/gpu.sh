@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 4 in one run, torchvision's baseline beside ours, within about 8 minutes:
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default benchmarks/results/gpu-<date>)
-# 1. inference: ours (eager, fused, fused+compiled) vs torchvision (eager, compiled), bf16 autocast,
+# 1. inference: ours (eager, fused, fused+compiled, frozen) vs torchvision (eager, compiled, frozen), bf16 autocast,
 #    batch 1 and 256
 # 2. training step on synthetic data, batch 256, bf16: ours channels_last (eager, compiled) vs torchvision
 #    (eager, compiled), with the loss-trajectory check of equal work
@@ -36,6 +36,11 @@ timeout "$LIMIT" "$PY" -m shufflenetv2 bench --suites inference --device "$DEVIC
 timeout "$LIMIT" "$PY" -m shufflenetv2 bench --suites inference --device "$DEVICE" --amp bfloat16 \
   --models shufflenet_v2_x0_5 --batches "$BIG" --input-size "$SIZE" --repeats "$REPEATS" "${ITER[@]}" \
   --backends ours-fused-compiled torchvision-compiled --json "$OUT/inference_compiled.json" 2>&1 | tee -a "$OUT/gpu.log"
+# inductor's freezing for both models (weights as graph constants, cast to bf16 once); a run of its own, so
+# that a slow or failing compile here cannot cost the rows above
+timeout "$LIMIT" "$PY" -m shufflenetv2 bench --suites inference --device "$DEVICE" --amp bfloat16 \
+  --models shufflenet_v2_x0_5 --batches "$BIG" --input-size "$SIZE" --repeats "$REPEATS" "${ITER[@]}" \
+  --backends ours-fused-frozen torchvision-frozen --json "$OUT/inference_frozen.json" 2>&1 | tee -a "$OUT/gpu.log"
 
 log "2. training step, synthetic, batch $BATCH (bf16 autocast)"
 timeout $(( 2 * LIMIT )) "$PY" -m shufflenetv2 bench --suites train --device "$DEVICE" --amp bfloat16 \

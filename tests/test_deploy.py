@@ -381,6 +381,18 @@ def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> Non
     assert inductor_config.freezing is False
 
 
+def test_frozen_fused_model_runs_under_bfloat16_autocast() -> None:
+    """How benchmarks/gpu.sh runs the frozen rows (bf16 autocast), checked on the CPU: the weights are
+    cast once inside the frozen graph, and the logits stay those of the float32 model to bf16 precision."""
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    got = _runner("ours-fused-frozen", model, None, x, threads=1, amp=torch.bfloat16)()
+    with torch.no_grad():
+        expected = model(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_torchvision_frozen_row_computes_torchvisions_logits() -> None:
     """The peer gets the same freezing as ours (channels_last, oneDNN packing), and must still be itself."""
     theirs = _model("shufflenet_v2_x0_5", "torchvision", seed=1)  # logits that depend on the image
