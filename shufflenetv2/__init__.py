@@ -1,7 +1,7 @@
 """ShuffleNetV2 on PyTorch, numerically faithful to MindCV, with weights that move between MindCV,
 torchvision and safetensors."""
 
-from .deploy import export_onnx, export_program, fuse
+from .deploy import export_onnx, export_program, fuse, fuse_for_onnx
 from .errors import CheckpointError, DownloadError, ShuffleNetV2Error
 from .factory import create_model
 from .layout import convert_layout
@@ -26,6 +26,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "fuse",
+    "fuse_for_onnx",
     "load_weights",
     "read_weights",
     "save_weights",

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import shufflenetv2 as snv2
 from shufflenetv2 import create_model, save_weights
 from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_backends, torchvision_model
 from shufflenetv2.cli import main
@@ -210,6 +211,11 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
+    onnx = pytest.importorskip("onnx")  # the Python route writes the same graph as the command
+    m, py = tmp_path / "m.onnx", snv2.export_onnx(snv2.fuse_for_onnx(model), tmp_path / "py.onnx")
+    command, python = (sorted(list(i.dims) for i in onnx.load(str(p)).graph.initializer) for p in (m, py))
+    assert command == python
+    assert [32, 3, 3, 3] in command  # the stem, padded for ORT's blocked max-pool
     assert main(["export", str(src), str(tmp_path / "m.pt2")]) == 0
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     with torch.no_grad():
