@@ -165,12 +165,23 @@ class FusedBlock(nn.Module):
         return torch.cat((proj[:, 0::2], b_even), 1), torch.cat((proj[:, 1::2], b_odd), 1)
 
 
+# Images per piece in which FusedShuffleNetV2 runs its stem on the CPU (0: the whole batch at once).  The
+# stem's convolution writes the largest activation of the network, 1.2 MB per image; at batch 32 its 38 MB
+# went to memory and came back for the max-pool, and the two took about 40 % of the frozen model's time.
+# Four images at a time keep it in cache: paired against the whole batch (benchmarks/stem_chunk.py,
+# results/cpu_stem_chunk), x0.5 batch 32 ran 1.36-1.52x faster frozen and 1.32-1.33x eager-fused, x1.0
+# batch 32 1.12-1.19x and 1.06-1.20x, batch 8 within noise; pieces of 2 did about as well, of 8 less.
+STEM_CHUNK = 4
+
+
 class FusedShuffleNetV2(nn.Module):
     """MindCV's network for inference: 0 BatchNorms, 0 gathers, two concatenations per block.
 
     ``channel_multiple`` rounds the width inside each branch, and the odds half that a stride-1 block
     feeds its branch, up to that multiple with zero channels (same logits); ``stem_multiple`` does the
-    same for the stem's output, which the first block then reads with zero weights.
+    same for the stem's output, which the first block then reads with zero weights.  On the CPU the stem
+    takes ``stem_chunk`` images at a time (``STEM_CHUNK``); elsewhere, in ONNX and under ``torch.export``
+    it takes the whole batch.
     """
 
     def __init__(self, model: ShuffleNetV2, channel_multiple: int = 1, stem_multiple: int = 1) -> None:
@@ -197,15 +208,29 @@ class FusedShuffleNetV2(nn.Module):
         self.conv_last = model.conv_last
         _read_in_order(_convs(self.conv_last)[0], order)
         self.classifier = model.classifier
+        self.stem_chunk = STEM_CHUNK
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        conv, _, relu = self.first_conv  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter
+        return relu(self.max_pool(conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():  # ONNX Runtime fuses Conv + Relu, so keep them adjacent there
             x = self.max_pool(self.first_conv(x))
-        else:  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter of the stem
-            conv, _, relu = self.first_conv
-            x = relu(self.max_pool(conv(x)))
+        elif x.device.type == "cpu" and _fixed(x.shape[0]) and 0 < self.stem_chunk < x.shape[0]:
+            x = torch.cat([self._stem(part) for part in x.split(self.stem_chunk)])
+        else:
+            x = self._stem(x)
         x = self.conv_last(torch.cat(self.features((x,)), 1))
         return self.classifier(x.mean((2, 3)))
+
+
+def _fixed(size: int) -> bool:
+    """False for a symbolic size, one that ``torch.export`` keeps dynamic and that pieces of a fixed size cannot
+    cut: non-strict export traces it as a SymInt, strict export (dynamo, which answers isinstance int) says so
+    through ``is_exporting``.  A ``torch.compile`` graph specialises on the size instead."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7 (see export_program)
+    return isinstance(size, int) and not (is_exporting and is_exporting())
 
 
 def _pad_stem(stem: nn.Conv2d, first: nn.Module, extra: int) -> None:
@@ -374,6 +399,11 @@ def fuse(
     for label, value in (("channel_multiple", channel_multiple), ("stem_multiple", stem_multiple)):
         if value < 1:
             raise ValueError(f"{label} must be a positive integer, not {value}")
+    if compile and freeze:
+        raise ValueError(
+            "fuse(compile=True, freeze=True): pick one; freeze already compiles (with the weights frozen "
+            "into the graph), compile alone keeps them as parameters"
+        )
     if isinstance(model, ShuffleNetV2) and _even_branches(model):
         fused: nn.Module = FusedShuffleNetV2(model, channel_multiple, stem_multiple)
     else:
@@ -433,6 +463,10 @@ def export_program(model: nn.Module, path: str | Path, input_size: int = 224) ->
     """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
     ``torch.export.load(path).module()`` and runs without this package."""
     path = Path(path)
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, FusedShuffleNetV2):
+            module.stem_chunk = 0  # a dynamic batch cannot be cut into pieces of a fixed size
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))

@@ -30,7 +30,7 @@ from shufflenetv2.deploy import (
 )
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
-from .conftest import assert_depends_on_the_image, calibrated, randomize_bn, shared_file
+from .conftest import assert_depends_on_the_image, assert_same_logits, calibrated, randomize_bn, shared_file
 
 
 def _model(name: str, layout: str, seed: int = 0) -> nn.Module:
@@ -89,6 +89,56 @@ def test_zero_channel_padding_keeps_the_logits(name: str, multiple: int, channel
     assert (expected - got).abs().max() < 1e-10
 
 
+def _stem_batches(fused: nn.Module) -> list[int]:
+    """The batch size of every call the stem's convolution gets from now on."""
+    calls: list[int] = []
+    fused.first_conv[0].register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stem_takes_a_cpu_batch_in_pieces_with_the_same_logits(channels_last: bool) -> None:
+    """On the CPU the stem runs ``stem_chunk`` (4) images at a time, so that its output stays in cache for
+    the max-pool (``benchmarks/stem_chunk.py``): a batch of 9 goes as 4 + 4 + 1, and the float64 logits
+    are those of the whole batch at once and of the model."""
+    model = _model("shufflenet_v2_x0_5", "mindcv").double()
+    fused = fuse(model, channels_last=channels_last)
+    calls = _stem_batches(fused)
+    x = torch.randn(9, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        pieces = fused(x)
+        assert calls == [4, 4, 1]
+        fused.stem_chunk = 0
+        whole = fused(x)
+        assert calls == [4, 4, 1, 9]
+        expected = model(x)
+    assert (pieces - whole).abs().max() <= 1e-12 * whole.abs().max()
+    assert_same_logits(pieces, expected)
+
+
+def test_stem_takes_the_whole_batch_off_the_cpu() -> None:
+    """On a GPU pieces would only add kernel launches: the meta device stands in for it here."""
+    fused = fuse(build_network("shufflenet_v2_x0_5").to(device="meta"))
+    calls = _stem_batches(fused)
+    fused(torch.empty(9, 3, 64, 64, device="meta"))
+    assert calls == [9]
+
+
+def test_torch_export_of_the_fused_model_keeps_a_dynamic_batch() -> None:
+    """Pieces of a fixed size cannot cut a symbolic batch: under ``torch.export`` the stem takes it whole."""
+    if not hasattr(torch.compiler, "is_exporting"):
+        pytest.skip("this torch has no torch.compiler.is_exporting; export_program turns the pieces off itself")
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    fused = fuse(model, channels_last=False)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(fused, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},)).module()
+    x = torch.randn(9, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert_same_logits(program(x), model(x), rtol=1e-4)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fuse_keeps_the_models_device_and_dtype(channels_last: bool) -> None:
     """A CUDA model fused must stay on CUDA: checked on the meta device, which runs shapes only."""
@@ -104,6 +154,12 @@ def test_channel_multiple_must_be_positive() -> None:
         fuse(_model("shufflenet_v2_x0_5", "mindcv"), channel_multiple=0)
     with pytest.raises(ValueError, match="stem_multiple must be a positive integer"):
         fuse(_model("shufflenet_v2_x0_5", "mindcv"), stem_multiple=-16)
+
+
+def test_fuse_refuses_compile_together_with_freeze() -> None:
+    """freeze already compiles; asking for both used to freeze silently and drop ``compile``."""
+    with pytest.raises(ValueError, match="pick one; freeze already compiles"):
+        fuse(_model("shufflenet_v2_x0_5", "mindcv"), compile=True, freeze=True)
 
 
 @pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"])
@@ -205,7 +261,7 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
     src = save_weights(tmp_path / "w.safetensors", model)
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(9, 3, 224, 224, generator=torch.Generator().manual_seed(5))  # more than one stem piece
     with torch.no_grad():
         expected = model(x)
     assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
@@ -375,15 +431,18 @@ def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> Non
     assert isinstance(frozen, FrozenCompiled)
     assert not any(isinstance(m, (PointwiseLinear, UnrolledDepthwise)) for m in frozen.modules())  # oneDNN convs
     generator = torch.Generator().manual_seed(4)
-    for batch in (2, 3):
+    convolutions = []
+    for batch in (3, 9):  # 9: the stem in three pieces (test_stem_takes_a_cpu_batch_in_pieces_...)
         x = torch.randn(batch, 3, 96, 96, generator=generator)
         with torch.inference_mode():  # as bench runs it
             got, code = run_and_get_code(frozen, x.contiguous(memory_format=torch.channels_last))
         with torch.no_grad():
             assert (got - model(x)).abs().max() < 1e-4
         source = "\n".join(code)
-        assert source.count("mkldnn._convolution_pointwise") >= 50 and "_frozen_param" in source
+        convolutions.append(source.count("mkldnn._convolution_pointwise"))
+        assert convolutions[-1] >= 50 and "_frozen_param" in source
         assert "torch.ops.aten.convolution" not in source  # no convolution left that re-packs per call
+    assert convolutions[1] > convolutions[0]  # the stem's convolution called three times, not once
     assert inductor_config.freezing is False
 
 
