@@ -19,6 +19,7 @@ from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
     ONNX_STEM_MULTIPLE,
+    Compiled,
     FrozenCompiled,
     FusedShuffleNetV2,
     PointwiseLinear,
@@ -99,7 +100,7 @@ def _stem_batches(fused: nn.Module) -> list[int]:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_stem_takes_a_cpu_batch_in_pieces_with_the_same_logits(channels_last: bool) -> None:
     """On the CPU the stem runs ``stem_chunk`` (4) images at a time, so that its output stays in cache for
-    the max-pool (``benchmarks/stem_chunk.py``): a batch of 9 goes as 4 + 4 + 1, and the float64 logits
+    the max-pool (``benchmarks/pieces.py``): a batch of 9 goes as 4 + 4 + 1, and the float64 logits
     are those of the whole batch at once and of the model."""
     model = _model("shufflenet_v2_x0_5", "mindcv").double()
     fused = fuse(model, channels_last=channels_last)
@@ -116,6 +117,66 @@ def test_stem_takes_a_cpu_batch_in_pieces_with_the_same_logits(channels_last: bo
         expected = model(x)
     assert (pieces - whole).abs().max() <= 1e-12 * whole.abs().max()
     assert_same_logits(pieces, expected)
+
+
+def test_a_large_cpu_batch_goes_through_the_network_in_pieces_with_the_same_logits() -> None:
+    """Past ``batch_piece`` images the whole network runs piece by piece (each piece's stem in pieces of
+    ``stem_chunk``): 12 images with pieces of 5 make stem calls of 4 + 1, 4 + 1 and 2, and the float64
+    logits are those of the whole batch at once."""
+    model = _model("shufflenet_v2_x0_5", "mindcv").double()
+    fused = fuse(model)
+    fused.batch_piece = 5
+    calls = _stem_batches(fused)
+    x = torch.randn(12, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        pieces = fused(x.contiguous(memory_format=torch.channels_last))
+        assert calls == [4, 1, 4, 1, 2]
+        fused.batch_piece = fused.stem_chunk = 0
+        whole = fused(x)
+        expected = model(x)
+    assert calls[5:] == [12]
+    assert (pieces - whole).abs().max() <= 1e-12 * whole.abs().max()
+    assert_same_logits(pieces, expected)
+
+
+def test_wider_networks_take_fewer_images_per_piece() -> None:
+    """The pieces are sized to the cache: as many images as hold about 2048 stage-2 channels, but at least
+    16, as measured best on this project's CPU (benchmarks/results/cpu_pieces)."""
+    pieces = {name: fuse(build_network(name)).batch_piece for name in WIDTHS}
+    assert pieces == {"shufflenet_v2_x0_5": 32, "shufflenet_v2_x1_0": 16, "shufflenet_v2_x1_5": 16,
+                      "shufflenet_v2_x2_0": 16}  # fmt: skip
+    assert fuse(build_network("shufflenet_v2_x1_0"), freeze=True).batch_piece == 16  # read by the wrapper
+
+
+def test_compiled_wrappers_feed_the_compiled_graph_one_piece_at_a_time() -> None:
+    """The piece loop runs outside the compiled graph, which sees pieces, never the whole batch: one graph
+    per piece size, not one copy of the network per piece.  A small network stands in for the fused one
+    (compiling that takes a minute here; the frozen test above runs it)."""
+    torch.manual_seed(12)
+    network = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    network.batch_piece = 4
+    x = torch.randn(9, 3, 16, 16)
+    with torch.no_grad():
+        expected = network(x)
+    assert isinstance(fuse(build_network("shufflenet_v2_x0_5"), compile=True), Compiled)
+    for compiled in (Compiled(network), FrozenCompiled(network)):
+        compiled.compiled = _Recording(compiled.compiled)
+        with torch.inference_mode():
+            got = compiled(x)
+        assert compiled.compiled.batches == [4, 4, 1]
+        assert_same_logits(got, expected, rtol=1e-5)
+
+
+class _Recording(nn.Module):
+    """``module``, noting the batch size of every call."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.batches = module, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.module(x)
 
 
 def test_stem_takes_the_whole_batch_off_the_cpu() -> None:
