@@ -27,6 +27,7 @@ import torch
 from shufflenetv2 import build_network
 from shufflenetv2.bench import interleaved_rounds, machine_record
 from shufflenetv2.deploy import FrozenCompiled, FusedShuffleNetV2
+from shufflenetv2.host_memory import keep_freed_memory
 
 
 def variants(model: torch.nn.Module, pairs: list[tuple[int, int]], batch: int) -> dict[str, torch.nn.Module]:
@@ -61,7 +62,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                        help="reuse: glibc keeps freed memory, as bench and training set it (host_memory); "
+                        "default: malloc as a plain Python process has it, which maps every block over its "
+                        "threshold afresh")  # fmt: skip
     args = parser.parse_args()
+    reuse = args.malloc == "reuse" and keep_freed_memory()
     torch.set_num_threads(args.threads)
     results = []
     for name in args.models:
@@ -95,7 +101,8 @@ def main() -> None:
                                 "ratio_to_baseline": ratio, "baseline": baseline, "rounds": rounds})  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {"threads": args.threads, "repeats": args.repeats, "image_size": 224, "dtype": "float32"}
+        settings = {"threads": args.threads, "repeats": args.repeats, "image_size": 224, "dtype": "float32",
+                    "malloc": "glibc keeps freed memory (host_memory)" if reuse else "as configured"}  # fmt: skip
         record = {"rows": results, "settings": settings, "machine": machine_record()}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
