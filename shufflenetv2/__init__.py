@@ -4,6 +4,7 @@ torchvision and safetensors."""
 from .deploy import export_onnx, export_program, fuse, fuse_for_onnx
 from .errors import CheckpointError, DownloadError, ShuffleNetV2Error
 from .factory import create_model
+from .host_memory import keep_freed_memory
 from .layout import convert_layout
 from .model import WIDTHS, ShuffleNetV2, ShuffleNetV2Torchvision, build_network
 from .summary import summarize
@@ -27,6 +28,7 @@ __all__ = [
     "export_program",
     "fuse",
     "fuse_for_onnx",
+    "keep_freed_memory",
     "load_weights",
     "read_weights",
     "save_weights",

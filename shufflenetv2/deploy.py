@@ -15,7 +15,6 @@ On channels_last the 1x1 convolutions become matrix products (``PointwiseLinear`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -166,47 +165,12 @@ class FusedBlock(nn.Module):
         return torch.cat((proj[:, 0::2], b_even), 1), torch.cat((proj[:, 1::2], b_odd), 1)
 
 
-# Images per piece in which FusedShuffleNetV2 runs its stem on the CPU (0: the whole batch at once).  The
-# stem's convolution writes the largest activation of the network, 1.2 MB per image; at batch 32 its 38 MB
-# went to memory and came back for the max-pool, and the two took about 40 % of the frozen model's time.
-# Four images at a time keep it in cache: paired against the whole batch (benchmarks/pieces.py,
-# results/cpu_stem_chunk), x0.5 batch 32 ran 1.36-1.52x faster frozen and 1.32-1.33x eager-fused, x1.0
-# batch 32 1.12-1.19x and 1.06-1.20x, batch 8 within noise; pieces of 2 did about as well, of 8 less.
-STEM_CHUNK = 4
-
-# The rest of the network gains from pieces too once a batch's activations outgrow the cache, at a batch
-# size that falls with the width.  Paired against the whole batch on this project's CPU (AVX-512, 1 MB of
-# L2 per core; benchmarks/pieces.py, results/cpu_pieces), frozen and eager-fused: x0.5 ran best whole at
-# batch 32 (pieces of 16: 1.20-1.25x against the stem pieces' 1.32-1.46x) and in pieces of 32 at batch 64
-# (1.52-1.70x); x1.0 in pieces of 16 at batch 32 and 64 (1.25-1.30x, 1.40-1.48x); x2.0 in pieces of 16
-# (1.10-1.25x), 8 no better; x1.5 batch 32 split between 16 and 8 (fused 1.13x against 1.08x, frozen 1.18x
-# against 1.28x, over stem pieces alone).  So a piece holds about PIECE_CHANNELS stage-2 channels' worth of
-# images, but never fewer than MIN_PIECE: 32 at x0.5 (48 channels), 16 at x1.0, x1.5 and x2.0 (116, 176, 244).
-PIECE_CHANNELS = 2048
-MIN_PIECE = 16
-
-
-def batch_piece(stage2_channels: int) -> int:
-    """The images per piece for a network whose first stage has ``stage2_channels`` (a power of 2)."""
-    return max(MIN_PIECE, 1 << max(0, (PIECE_CHANNELS // stage2_channels).bit_length() - 1))
-
-
-def in_pieces(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
-    """``run(x)``, or, for a CPU batch of more than ``size`` (> 0) images, ``run`` on pieces of ``size``
-    images, concatenated.  Never while exporting: an exported batch is symbolic (see ``_fixed``)."""
-    if size > 0 and x.device.type == "cpu" and _fixed(x.shape[0]) and size < x.shape[0]:
-        return torch.cat([run(part) for part in x.split(size)])
-    return run(x)
-
-
 class FusedShuffleNetV2(nn.Module):
     """MindCV's network for inference: 0 BatchNorms, 0 gathers, two concatenations per block.
 
     ``channel_multiple`` rounds the width inside each branch, and the odds half that a stride-1 block
     feeds its branch, up to that multiple with zero channels (same logits); ``stem_multiple`` does the
-    same for the stem's output, which the first block then reads with zero weights.  On the CPU the
-    network takes ``batch_piece`` images at a time (``PIECE_CHANNELS``), and the stem ``stem_chunk``
-    (``STEM_CHUNK``); on other devices, in ONNX and under ``torch.export`` the whole batch goes at once.
+    same for the stem's output, which the first block then reads with zero weights.
     """
 
     def __init__(self, model: ShuffleNetV2, channel_multiple: int = 1, stem_multiple: int = 1) -> None:
@@ -233,34 +197,15 @@ class FusedShuffleNetV2(nn.Module):
         self.conv_last = model.conv_last
         _read_in_order(_convs(self.conv_last)[0], order)
         self.classifier = model.classifier
-        self.stem_chunk = STEM_CHUNK
-        self.batch_piece = batch_piece(_block_out_channels(model.features[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_pieces(self.logits, x, self.batch_piece)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The network on one piece of the batch."""
         if torch.onnx.is_in_onnx_export():  # ONNX Runtime fuses Conv + Relu, so keep them adjacent there
             x = self.max_pool(self.first_conv(x))
-        else:
-            x = in_pieces(self._stem, x, self.stem_chunk)
+        else:  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter of the stem
+            conv, _, relu = self.first_conv
+            x = relu(self.max_pool(conv(x)))
         x = self.conv_last(torch.cat(self.features((x,)), 1))
         return self.classifier(x.mean((2, 3)))
-
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        conv, _, relu = self.first_conv  # max-pool and ReLU commute (ReLU is increasing): ReLU on the pooled quarter
-        return relu(self.max_pool(conv(x)))
-
-
-def _fixed(size: int) -> bool:
-    """False for a batch size that an export keeps dynamic and that pieces of a fixed size cannot cut:
-    non-strict ``torch.export`` traces it as a SymInt, strict export (dynamo, which answers isinstance int)
-    says so through ``is_exporting``.  A ``torch.compile`` graph specialises on the size instead."""
-    if torch.onnx.is_in_onnx_export():  # the TorchScript exporter traces sizes as plain ints
-        return False
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7 (see export_program)
-    return isinstance(size, int) and not (is_exporting and is_exporting())
 
 
 def _pad_stem(stem: nn.Conv2d, first: nn.Module, extra: int) -> None:
@@ -377,27 +322,7 @@ def unroll_depthwise(module: nn.Module) -> nn.Module:
     return _replace_convs(module, _is_depthwise_3x3, UnrolledDepthwise)
 
 
-class Compiled(nn.Module):
-    """``torch.compile(module)``, called on the pieces of a CPU batch that ``module.batch_piece`` asks for
-    (see ``FusedShuffleNetV2``) outside the compiled graph: compiling the loop would unroll one copy of the
-    network per piece, and a batch of 256 would compile 8 or 16 of them.  ``freeze`` compiles with inductor's
-    freezing (``FrozenCompiled``)."""
-
-    def __init__(self, module: nn.Module, freeze: bool = False) -> None:
-        super().__init__()
-        self.compiled = torch.compile(module)
-        self.freeze = freeze
-        self.batch_piece = getattr(module, "batch_piece", 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch._inductor import config as inductor_config
-
-        grad = torch.no_grad() if self.freeze else contextlib.nullcontext()
-        with grad, inductor_config.patch(freezing=self.freeze):
-            return in_pieces(self.compiled, x, self.batch_piece)
-
-
-class FrozenCompiled(Compiled):
+class FrozenCompiled(nn.Module):
     """``torch.compile`` with inductor's freezing: the weights become constants of the compiled graph, so
     on the CPU every convolution is a oneDNN call with its weights packed once at compile time and its
     ReLU fused in (eager, and plain compile, re-pack on every call).  The compiled graph keeps the weights
@@ -412,7 +337,14 @@ class FrozenCompiled(Compiled):
     """
 
     def __init__(self, module: nn.Module) -> None:
-        super().__init__(module, freeze=True)
+        super().__init__()
+        self.compiled = torch.compile(module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
 
 def fuse(
@@ -427,7 +359,7 @@ def fuse(
 
     ``channels_last`` stores activations NHWC, which the CPU and GPU convolution kernels prefer, and
     runs the 1x1 convolutions as matrix products (``PointwiseLinear``);
-    ``compile`` wraps the result in ``torch.compile`` (``Compiled``; its first call takes seconds), with the 3x3
+    ``compile`` wraps the result in ``torch.compile`` (its first call then takes seconds), with the 3x3
     depthwise convolutions unrolled for the compiler (``UnrolledDepthwise``);
     ``freeze`` compiles with the weights frozen into the graph instead (``FrozenCompiled``): convolutions
     stay oneDNN convolutions (channels_last), packed once; weights changed afterwards are not seen until
@@ -456,7 +388,7 @@ def fuse(
         return FrozenCompiled(fused.to(memory_format=torch.channels_last) if channels_last else fused)
     if channels_last:
         fused = pointwise_as_linear(fused).to(memory_format=torch.channels_last)
-    return Compiled(unroll_depthwise(fused)) if compile else fused
+    return torch.compile(unroll_depthwise(fused)) if compile else fused
 
 
 def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:
@@ -506,10 +438,6 @@ def export_program(model: nn.Module, path: str | Path, input_size: int = 224) ->
     """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
     ``torch.export.load(path).module()`` and runs without this package."""
     path = Path(path)
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, FusedShuffleNetV2):
-            module.stem_chunk = 0  # a dynamic batch cannot be cut into pieces of a fixed size
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))

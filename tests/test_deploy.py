@@ -19,7 +19,6 @@ from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
     ONNX_CHANNEL_MULTIPLE,
     ONNX_STEM_MULTIPLE,
-    Compiled,
     FrozenCompiled,
     FusedShuffleNetV2,
     PointwiseLinear,
@@ -31,7 +30,7 @@ from shufflenetv2.deploy import (
 )
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
 
-from .conftest import assert_depends_on_the_image, assert_same_logits, calibrated, randomize_bn, shared_file
+from .conftest import assert_depends_on_the_image, calibrated, randomize_bn, shared_file
 
 
 def _model(name: str, layout: str, seed: int = 0) -> nn.Module:
@@ -88,116 +87,6 @@ def test_zero_channel_padding_keeps_the_logits(name: str, multiple: int, channel
         got = padded(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     assert expected.abs().max() > 1.0
     assert (expected - got).abs().max() < 1e-10
-
-
-def _stem_batches(fused: nn.Module) -> list[int]:
-    """The batch size of every call the stem's convolution gets from now on."""
-    calls: list[int] = []
-    fused.first_conv[0].register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
-    return calls
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_stem_takes_a_cpu_batch_in_pieces_with_the_same_logits(channels_last: bool) -> None:
-    """On the CPU the stem runs ``stem_chunk`` (4) images at a time, so that its output stays in cache for
-    the max-pool (``benchmarks/pieces.py``): a batch of 9 goes as 4 + 4 + 1, and the float64 logits
-    are those of the whole batch at once and of the model."""
-    model = _model("shufflenet_v2_x0_5", "mindcv").double()
-    fused = fuse(model, channels_last=channels_last)
-    calls = _stem_batches(fused)
-    x = torch.randn(9, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        pieces = fused(x)
-        assert calls == [4, 4, 1]
-        fused.stem_chunk = 0
-        whole = fused(x)
-        assert calls == [4, 4, 1, 9]
-        expected = model(x)
-    assert (pieces - whole).abs().max() <= 1e-12 * whole.abs().max()
-    assert_same_logits(pieces, expected)
-
-
-def test_a_large_cpu_batch_goes_through_the_network_in_pieces_with_the_same_logits() -> None:
-    """Past ``batch_piece`` images the whole network runs piece by piece (each piece's stem in pieces of
-    ``stem_chunk``): 12 images with pieces of 5 make stem calls of 4 + 1, 4 + 1 and 2, and the float64
-    logits are those of the whole batch at once."""
-    model = _model("shufflenet_v2_x0_5", "mindcv").double()
-    fused = fuse(model)
-    fused.batch_piece = 5
-    calls = _stem_batches(fused)
-    x = torch.randn(12, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    with torch.no_grad():
-        pieces = fused(x.contiguous(memory_format=torch.channels_last))
-        assert calls == [4, 1, 4, 1, 2]
-        fused.batch_piece = fused.stem_chunk = 0
-        whole = fused(x)
-        expected = model(x)
-    assert calls[5:] == [12]
-    assert (pieces - whole).abs().max() <= 1e-12 * whole.abs().max()
-    assert_same_logits(pieces, expected)
-
-
-def test_wider_networks_take_fewer_images_per_piece() -> None:
-    """The pieces are sized to the cache: as many images as hold about 2048 stage-2 channels, but at least
-    16, as measured best on this project's CPU (benchmarks/results/cpu_pieces)."""
-    pieces = {name: fuse(build_network(name)).batch_piece for name in WIDTHS}
-    assert pieces == {"shufflenet_v2_x0_5": 32, "shufflenet_v2_x1_0": 16, "shufflenet_v2_x1_5": 16,
-                      "shufflenet_v2_x2_0": 16}  # fmt: skip
-    assert fuse(build_network("shufflenet_v2_x1_0"), freeze=True).batch_piece == 16  # read by the wrapper
-
-
-def test_compiled_wrappers_feed_the_compiled_graph_one_piece_at_a_time() -> None:
-    """The piece loop runs outside the compiled graph, which sees pieces, never the whole batch: one graph
-    per piece size, not one copy of the network per piece.  A small network stands in for the fused one
-    (compiling that takes a minute here; the frozen test above runs it)."""
-    torch.manual_seed(12)
-    network = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    network.batch_piece = 4
-    x = torch.randn(9, 3, 16, 16)
-    with torch.no_grad():
-        expected = network(x)
-    assert isinstance(fuse(build_network("shufflenet_v2_x0_5"), compile=True), Compiled)
-    for compiled in (Compiled(network), FrozenCompiled(network)):
-        compiled.compiled = _Recording(compiled.compiled)
-        with torch.inference_mode():
-            got = compiled(x)
-        assert compiled.compiled.batches == [4, 4, 1]
-        assert_same_logits(got, expected, rtol=1e-5)
-
-
-class _Recording(nn.Module):
-    """``module``, noting the batch size of every call."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module, self.batches = module, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.batches.append(x.shape[0])
-        return self.module(x)
-
-
-def test_stem_takes_the_whole_batch_off_the_cpu() -> None:
-    """On a GPU pieces would only add kernel launches: the meta device stands in for it here."""
-    fused = fuse(build_network("shufflenet_v2_x0_5").to(device="meta"))
-    calls = _stem_batches(fused)
-    fused(torch.empty(9, 3, 64, 64, device="meta"))
-    assert calls == [9]
-
-
-def test_torch_export_of_the_fused_model_keeps_a_dynamic_batch() -> None:
-    """Pieces of a fixed size cannot cut a symbolic batch: under ``torch.export`` the stem takes it whole."""
-    if not hasattr(torch.compiler, "is_exporting"):
-        pytest.skip("this torch has no torch.compiler.is_exporting; export_program turns the pieces off itself")
-    model = _model("shufflenet_v2_x0_5", "mindcv")
-    fused = fuse(model, channels_last=False)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(fused, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},)).module()
-    x = torch.randn(9, 3, 64, 64, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        assert_same_logits(program(x), model(x), rtol=1e-4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -322,7 +211,7 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
     src = save_weights(tmp_path / "w.safetensors", model)
-    x = torch.randn(9, 3, 224, 224, generator=torch.Generator().manual_seed(5))  # more than one stem piece
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)
     assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
@@ -492,18 +381,15 @@ def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> Non
     assert isinstance(frozen, FrozenCompiled)
     assert not any(isinstance(m, (PointwiseLinear, UnrolledDepthwise)) for m in frozen.modules())  # oneDNN convs
     generator = torch.Generator().manual_seed(4)
-    convolutions = []
-    for batch in (3, 9):  # 9: the stem in three pieces (test_stem_takes_a_cpu_batch_in_pieces_...)
+    for batch in (2, 3):
         x = torch.randn(batch, 3, 96, 96, generator=generator)
         with torch.inference_mode():  # as bench runs it
             got, code = run_and_get_code(frozen, x.contiguous(memory_format=torch.channels_last))
         with torch.no_grad():
             assert (got - model(x)).abs().max() < 1e-4
         source = "\n".join(code)
-        convolutions.append(source.count("mkldnn._convolution_pointwise"))
-        assert convolutions[-1] >= 50 and "_frozen_param" in source
+        assert source.count("mkldnn._convolution_pointwise") >= 50 and "_frozen_param" in source
         assert "torch.ops.aten.convolution" not in source  # no convolution left that re-packs per call
-    assert convolutions[1] > convolutions[0]  # the stem's convolution called three times, not once
     assert inductor_config.freezing is False
 
 
