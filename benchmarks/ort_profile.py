@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from shufflenetv2.bench import _exported, torchvision_model
+from shufflenetv2.bench import _exported, onnx_session, torchvision_model
 from shufflenetv2.deploy import fuse_for_onnx
 from shufflenetv2.model import build_network
 
@@ -25,12 +25,7 @@ RUNS = 30
 
 def profile(path: str, x: torch.Tensor, prefix: str) -> tuple[float, list[tuple[str, float, int]]]:
     """ms per run in all, and (operator, ms per run, nodes) by time."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
-    options.enable_profiling, options.profile_file_prefix = True, prefix
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, 2, enable_profiling=True, profile_file_prefix=prefix)  # as bench runs it
     feed = {session.get_inputs()[0].name: x.numpy()}
     for _ in range(RUNS):
         session.run(None, feed)

@@ -212,13 +212,16 @@ def _stop_child(conn: Connection, process: object) -> None:
     process.join(5)
 
 
-def onnx_session(path: str | Path, threads: int) -> object:
-    """An ONNX Runtime CPU session as every ONNX row runs it: ``threads`` intra-op threads, one inter-op."""
+def onnx_session(path: str | Path, threads: int, **settings: object) -> object:
+    """An ONNX Runtime CPU session as every ONNX row runs it: ``threads`` intra-op threads, one inter-op;
+    ``settings`` sets further ``SessionOptions`` fields (``enable_profiling=True``, say)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    for name, value in settings.items():
+        setattr(options, name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
