@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU measurement of the performance table in one run (2 threads, float32):
 #   bash benchmarks/cpu.sh [OUT_DIR]        (default benchmarks/results/cpu)
-# 1. inference and training step, ours against torchvision (eager, compiled, frozen, ONNX Runtime, OpenVINO), interleaved
+# 1. inference and training step, ours against torchvision (eager, compiled, frozen, compiled ahead of time, ONNX Runtime, OpenVINO), interleaved
 # 2. the input pipelines per core on ImageNet-sized JPEGs (../shared/data/hymenoptera.tar.gz)
 # 3. the training loop itself on those JPEGs (train.py, mode 1, one loader worker): its own img/s,
 #    data loading included, next to the bench's step figure
@@ -21,8 +21,8 @@ if [ ! -d "$DATA/train" ]; then
 fi
 # every inference backend, OpenVINO's included (bench leaves it out unless named)
 "$PY" -m shufflenetv2 bench --suites inference train data --data "$DATA" --threads 2 --repeats 11 \
-  --backends ours-eager ours-fused ours-fused-compiled ours-fused-frozen ours-onnxruntime ours-openvino \
-  torchvision-eager torchvision-compiled torchvision-frozen torchvision-onnxruntime torchvision-openvino \
+  --backends ours-eager ours-fused ours-fused-compiled ours-fused-frozen ours-aot ours-onnxruntime ours-openvino \
+  torchvision-eager torchvision-compiled torchvision-frozen torchvision-aot torchvision-onnxruntime torchvision-openvino \
   --models shufflenet_v2_x0_5 shufflenet_v2_x1_0 --batches 1 32 --json "$OUT/bench.json" 2>&1 |
   grep --line-buffered -v "Warning\|warn(" | tee "$OUT/bench.log"
 

@@ -9,14 +9,16 @@
 #    to 20,000 files) with the workers decoding, then with decode_on_device (nvJPEG); the loop's img/s
 # 4. the data pipeline per CPU core of this machine
 # Each section has its own time limit, so a slow one cannot take the others' time; SMOKE=1 DEVICE=cpu runs
-# the whole script at toy sizes on a CPU (how it is tested without a GPU).
+# the whole script at toy sizes on a CPU (how it is tested without a GPU: tests/test_gpu_script.py).
+# RUNS (default runs/) is where section 3 puts its JPEG links and training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d)}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
 PY=${PY:-.venv/bin/python}
-mkdir -p "$OUT" runs
+RUNS=${RUNS:-runs}
+mkdir -p "$OUT" "$RUNS"
 [ -x "$PY" ] || make .venv/.installed >/dev/null
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu.log"; }
 
@@ -48,7 +50,7 @@ timeout $(( 2 * LIMIT )) "$PY" -m shufflenetv2 bench --suites train --device "$D
   --json "$OUT/train.json" 2>&1 | tee -a "$OUT/gpu.log"
 
 log "3. end to end from JPEG files"
-DATA=runs/gpu_jpegs
+DATA=$RUNS/gpu_jpegs
 if [ ! -f "$DATA/.complete" ]; then
   "$PY" - "$DATA" "$FILES" <<'EOF'
 import os, sys, tarfile
@@ -74,7 +76,7 @@ for cls in sorted(p for p in train.iterdir() if p.is_dir()):
 EOF
 fi
 for ON_DEVICE in False True; do
-  RUN=runs/gpu_e2e_$ON_DEVICE
+  RUN=$RUNS/gpu_e2e_$ON_DEVICE
   rm -rf "$RUN"
   timeout "$LIMIT" "$PY" train.py --config configs/shufflenetv2/shufflenet_v2_0.5_ascend.yaml --data_dir "$DATA" \
     --num_classes 2 --device "$DEVICE" --distribute False --batch_size "$BATCH" --image_resize "$SIZE" \

@@ -26,15 +26,19 @@ def ratio(row: dict, base: dict) -> float:
     return row["images_per_second"] / base["images_per_second"]
 
 
-BACKENDS = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
-            "ours-openvino", "torchvision-eager", "torchvision-compiled", "torchvision-frozen",
+BACKENDS = ["ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-aot", "ours-onnxruntime",
+            "ours-openvino", "torchvision-eager", "torchvision-compiled", "torchvision-frozen", "torchvision-aot",
             "torchvision-onnxruntime", "torchvision-openvino"]  # fmt: skip
-OUR_PYTORCH = ["ours-fused", "ours-fused-compiled", "ours-fused-frozen"]
+OUR_PYTORCH = ["ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-aot"]
 OURS = [b for b in BACKENDS if b.startswith("ours")]
 # (header, our rows, their rows): the fastest present of each side, per (model, batch)
 RATIOS = [
     ("our PyTorch / tv eager", OUR_PYTORCH, ["torchvision-eager"]),
-    ("best PyTorch, ours / tv", OUR_PYTORCH, ["torchvision-eager", "torchvision-compiled", "torchvision-frozen"]),
+    (
+        "best PyTorch, ours / tv",
+        OUR_PYTORCH,
+        ["torchvision-eager", "torchvision-compiled", "torchvision-frozen", "torchvision-aot"],
+    ),
     ("best ours / tv ONNX Runtime", OURS, ["torchvision-onnxruntime"]),
     ("best ours / tv OpenVINO", OURS, ["torchvision-openvino"]),
 ]

@@ -7,6 +7,7 @@ from .factory import create_model
 from .host_memory import keep_freed_memory
 from .layout import convert_layout
 from .model import WIDTHS, ShuffleNetV2, ShuffleNetV2Torchvision, build_network
+from .package import compile_package, load_package
 from .summary import summarize
 from .weights import Weights, detect_format, load_weights, read_weights, save_weights
 
@@ -21,6 +22,7 @@ __all__ = [
     "ShuffleNetV2Torchvision",
     "Weights",
     "build_network",
+    "compile_package",
     "convert_layout",
     "create_model",
     "detect_format",
@@ -29,6 +31,7 @@ __all__ = [
     "fuse",
     "fuse_for_onnx",
     "keep_freed_memory",
+    "load_package",
     "load_weights",
     "read_weights",
     "save_weights",

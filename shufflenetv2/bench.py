@@ -1,5 +1,5 @@
-"""Side-by-side inference measurements: our model (eager, fused, compiled, frozen, ONNX Runtime) against
-torchvision's ``shufflenet_v2`` (eager, compiled, frozen, ONNX Runtime), same torch, threads and inputs.
+"""Side-by-side inference measurements: our model (eager, fused, compiled, frozen, compiled ahead of time,
+ONNX Runtime) against torchvision's ``shufflenet_v2`` (the same, bar fused), same torch, threads and inputs.
 
 Each row is timed in ``repeats`` rounds of ``iterations`` calls after ``warmup`` calls, the rows of one
 (model, batch) taking turns within each round; the figures are the median round and the spread
@@ -30,22 +30,23 @@ from torch import nn
 
 from .deploy import FrozenCompiled, export_onnx, fuse, fuse_for_onnx
 from .model import build_network
+from .package import compile_package, load_package
 from .summary import summarize
 
 BACKENDS = (
-    "ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-onnxruntime",
-    "torchvision-eager", "torchvision-compiled", "torchvision-frozen", "torchvision-onnxruntime",
+    "ours-eager", "ours-fused", "ours-fused-compiled", "ours-fused-frozen", "ours-aot", "ours-onnxruntime",
+    "torchvision-eager", "torchvision-compiled", "torchvision-frozen", "torchvision-aot", "torchvision-onnxruntime",
 )  # fmt: skip
 # Another runtime a user could pick: the same ONNX files in OpenVINO, named explicitly (the openvino extra)
 OPENVINO_BACKENDS = ("ours-openvino", "torchvision-openvino")
 ALL_BACKENDS = BACKENDS + OPENVINO_BACKENDS
-CPU_ONLY_KINDS = ("onnxruntime", "openvino")  # runtimes that bench runs on the CPU only
+CPU_ONLY_KINDS = ("onnxruntime", "openvino", "aot")  # rows that bench runs on the CPU only
 ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FILE``), run like ours-onnxruntime
 
 
 def expand_backends(names: list[str]) -> list[str]:
     """Backend names as given on the command line, where a name without its ``ours-`` or ``torchvision-``
-    prefix (its last word: ``onnxruntime``, ``eager``, ``compiled``, ``frozen``, ``fused``) stands for
+    prefix (its last word: ``onnxruntime``, ``eager``, ``compiled``, ``frozen``, ``aot``, ``fused``) stands for
     every backend of that kind, so ``--backend onnxruntime`` runs both ONNX Runtime rows and ``--backend
     compiled`` both compiled ones.  Order of first mention, no repeats."""
     chosen: list[str] = []
@@ -125,6 +126,12 @@ def _exported(module: nn.Module, x: torch.Tensor) -> Path:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         export_onnx(module, path, input_size=x.shape[-1])
     return path
+
+
+def _packaged(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``module`` compiled ahead of time (``compile_package``) for inputs shaped like ``x``, loaded."""
+    path = Path(tempfile.mkdtemp()) / "model.pt2"
+    return load_package(compile_package(module, path, batch=x.shape[0], input_size=x.shape[-1]))
 
 
 def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
@@ -252,12 +259,15 @@ def benchmark(
     onnx_file: str | Path | None = None,
 ) -> dict[str, object]:
     """Every (model, batch, backend) row; backends are those of ``ALL_BACKENDS``.  ``amp`` runs the torch
-    rows under autocast (bfloat16 on a GPU, say); ONNX Runtime and OpenVINO rows are CPU-only.
+    rows under autocast (bfloat16 on a GPU, say); ONNX Runtime, OpenVINO and the ahead-of-time compiled
+    packages (``aot``, float32) are CPU-only.
     ``onnx_file`` adds a row (``ONNX_FILE``) for that file in ONNX Runtime, timed in turn with the others."""
     torch.set_num_threads(threads)
     target = torch.device(device)
     if target.type != "cpu" and any(b.endswith(CPU_ONLY_KINDS) for b in backends):
-        raise ValueError("the onnxruntime and openvino rows run on the CPU only; leave them out on a GPU")
+        raise ValueError("the onnxruntime, openvino and aot rows run on the CPU only; leave them out on a GPU")
+    if amp is not None and any(b.endswith("-aot") for b in backends):
+        raise ValueError("the aot rows are compiled for float32; leave them out under autocast")
     rows: list[Row] = []
     info: dict[str, object] = {}
     row_backends = [*backends, ONNX_FILE] if onnx_file is not None else list(backends)
@@ -349,6 +359,8 @@ def _runner(
         return _torch_runner(fuse(ours, compile=True), nhwc, amp)
     if backend == "ours-fused-frozen":
         return _torch_runner(fuse(ours, freeze=True), nhwc, amp)
+    if backend == "ours-aot":
+        return _torch_runner(_packaged(ours, x), nhwc)
     if backend == "ours-onnxruntime":
         return _onnx_runner(fuse_for_onnx(ours), x, threads)
     if backend == "torchvision-eager":
@@ -358,6 +370,8 @@ def _runner(
     if backend == "torchvision-frozen":  # the same freezing offered to the peer, channels_last as ours (a copy:
         # ``to(memory_format=...)`` converts in place, and the other torchvision rows must keep NCHW weights)
         return _torch_runner(FrozenCompiled(copy.deepcopy(theirs).to(memory_format=torch.channels_last)), nhwc, amp)
+    if backend == "torchvision-aot":  # the same package offered to the peer: frozen, channels_last
+        return _torch_runner(_packaged(theirs, x), nhwc)
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads)
     if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts

@@ -132,6 +132,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         layout=weights.layout,
     )  # fmt: skip
     dst = Path(args.dst)
+    if args.aot:
+        from .package import compile_package
+
+        compile_package(model, dst, args.batch, args.input_size)
+        shape = f"{args.batch}x{weights.arch['in_channels']}x{args.input_size}x{args.input_size}"
+        print(f"wrote {dst}: {name} compiled ahead of time for float32 CPU inputs of {shape} on this kind of CPU")
+        return
+    if args.batch != 1:
+        raise ShuffleNetV2Error("--batch applies to --aot packages only: .onnx and .pt2 exports take any batch")
     if dst.suffix == ".onnx":
         export_onnx(fuse_for_onnx(model), dst, args.input_size, args.opset)
     elif dst.suffix == ".pt2":
@@ -156,9 +165,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     on_cpu_only = args.onnx or any(b.endswith(CPU_ONLY_KINDS) for b in backends)
     if "inference" in args.suites and args.device != "cpu" and on_cpu_only:
         raise ShuffleNetV2Error(
-            "the onnxruntime and openvino backends and --onnx run on the CPU only; on a GPU name the others "
+            "the onnxruntime, openvino and aot backends and --onnx run on the CPU only; on a GPU name the others "
             "with --backends"
         )
+    if "inference" in args.suites and args.amp != "none" and any(b.endswith("-aot") for b in backends):
+        raise ShuffleNetV2Error("the aot backends are float32 packages; under --amp name the others with --backends")
     if "inference" in args.suites and any(b.endswith("openvino") for b in backends) and not _importable("openvino"):
         raise ShuffleNetV2Error("the openvino backends need OpenVINO: pip install 'shufflenetv2[openvino]'")
     if args.onnx:
@@ -274,11 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="convert the EMA copy of a training checkpoint")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("export", help="a fused inference model as ONNX (.onnx) or a torch.export program (.pt2)")
+    p = sub.add_parser(
+        "export", help="a fused inference model as ONNX (.onnx), a torch.export program (.pt2), or --aot compiled"
+    )
     p.add_argument("src", help="weights: .safetensors, MindCV .ckpt or .pth")
     p.add_argument("dst", help="output file, .onnx or .pt2")
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
     p.add_argument("--input-size", type=int, default=224, help="side of the example input used for tracing")
+    p.add_argument(
+        "--aot", action="store_true",
+        help="write a .pt2 package compiled ahead of time (AOTInductor) for this kind of CPU and one input "
+        "shape (--batch, --input-size); load it with shufflenetv2.load_package",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="with --aot: the one batch size the package takes")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     p.set_defaults(func=_cmd_export)
 

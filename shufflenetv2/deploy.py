@@ -379,16 +379,27 @@ def fuse(
             "fuse(compile=True, freeze=True): pick one; freeze already compiles (with the weights frozen "
             "into the graph), compile alone keeps them as parameters"
         )
-    if isinstance(model, ShuffleNetV2) and _even_branches(model):
-        fused: nn.Module = FusedShuffleNetV2(model, channel_multiple, stem_multiple)
-    else:
-        fused = fold_all_batchnorms(copy.deepcopy(model).eval())
-    fused = fused.eval().requires_grad_(False)
+    fused = _folded(model, channel_multiple, stem_multiple)
     if freeze:  # oneDNN convolutions with packed weights beat both the matmuls and the unrolled taps here
         return FrozenCompiled(fused.to(memory_format=torch.channels_last) if channels_last else fused)
     if channels_last:
         fused = pointwise_as_linear(fused).to(memory_format=torch.channels_last)
     return torch.compile(unroll_depthwise(fused)) if compile else fused
+
+
+def _folded(model: nn.Module, channel_multiple: int = 1, stem_multiple: int = 1) -> nn.Module:
+    """A read-only eval copy with every BatchNorm folded (and, for our network, the shuffle)."""
+    if isinstance(model, ShuffleNetV2) and _even_branches(model):
+        fused: nn.Module = FusedShuffleNetV2(model, channel_multiple, stem_multiple)
+    else:
+        fused = fold_all_batchnorms(copy.deepcopy(model).eval())
+    return fused.eval().requires_grad_(False)
+
+
+def frozen_graph(model: nn.Module) -> nn.Module:
+    """What ``fuse(model, freeze=True)`` compiles, uncompiled: folded, channels_last, real convolutions
+    (inductor's freezing packs their weights for oneDNN once).  ``compile_package`` compiles it too."""
+    return _folded(model).to(memory_format=torch.channels_last)
 
 
 def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:

@@ -251,7 +251,8 @@ def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
     assert expand_backends(["compiled", "frozen"]) == [
         "ours-fused-compiled", "torchvision-compiled", "ours-fused-frozen", "torchvision-frozen"
     ]  # fmt: skip
-    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: compiled, eager"):
+    assert expand_backends(["aot"]) == ["ours-aot", "torchvision-aot"]
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: aot, compiled, eager"):
         expand_backends(["tensorrt"])
 
 
