@@ -34,7 +34,8 @@ PACKAGE_FORMAT = "shufflenetv2-aot/1"  # our metadata entry; a package without i
 
 
 def _aoti() -> object:
-    inductor = __import__("torch._inductor", fromlist=["aoti_compile_and_package"])
+    import torch._inductor as inductor
+
     if not hasattr(inductor, "aoti_compile_and_package"):
         raise ShuffleNetV2Error(
             f"compiled packages need torch >= 2.6 (AOTInductor packaging); this is {torch.__version__}"
@@ -82,6 +83,13 @@ def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_si
             os.replace(partial, path)
     except OSError as exc:
         raise storage_error(exc, path, "the compiled package") from None
+    except Exception as exc:  # inductor wraps its own errors; this one is the user's machine, not a bug
+        if "InvalidCxxCompiler" not in f"{type(exc).__name__}: {exc}":
+            raise
+        raise ShuffleNetV2Error(
+            "compiling a package needs a C++ compiler (g++ or clang++), and inductor found none: install one "
+            "(apt install g++), or deploy with fuse(model) or ONNX, which need none"
+        ) from None
     return path
 
 

@@ -103,6 +103,14 @@ def test_a_failed_compile_leaves_the_existing_package_and_no_scratch_files(packa
         compile_package(Broken(), tmp_path / "model.so")
 
 
+def test_compile_package_says_when_the_machine_has_no_cpp_compiler(model: nn.Module, tmp_path: Path) -> None:
+    from torch._inductor import config
+
+    with config.patch({"cpp.cxx": ("no-such-compiler",)}), pytest.raises(ShuffleNetV2Error, match=r"C\+\+ compiler"):
+        compile_package(model, tmp_path / "m.pt2", batch=1, input_size=64)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_command_writes_a_package_for_one_batch_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = calibrated(build_network("shufflenet_v2_x0_5", 10, 3, "mindcv"), seed=5)
     src = save_weights(tmp_path / "w.safetensors", model)
