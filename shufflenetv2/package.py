@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import frozen_graph
+from .deploy import _example, frozen_graph
 from .errors import ShuffleNetV2Error
 from .fileio import storage_error
 from .model import ShuffleNetV2
@@ -65,9 +65,8 @@ def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_si
         )
     inductor = _aoti()
     graph = package_graph(model).cpu()
-    channels = getattr(model, "in_channels", 3)
-    shape = (batch, channels, input_size, input_size)
-    example = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    example = _example(model, input_size, batch).contiguous(memory_format=torch.channels_last)
+    shape = tuple(example.shape)
     metadata = {"format": PACKAGE_FORMAT, "input_shape": ",".join(map(str, shape)), "dtype": "float32"}
     # autograd off for the compile too: inductor packs the frozen weights for oneDNN (convolutions with
     # their ReLU fused) only then, and otherwise emits plain convolutions, 0.7x as fast at x1.0 batch 1
