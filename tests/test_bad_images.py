@@ -230,7 +230,7 @@ def test_validate_reports_what_it_left_out(dataset_with_bad_files: tuple[Path, l
     run = subprocess.run(
         [sys.executable, str(REPO / "validate.py"), "--dataset", "imagefolder", "--data_dir", str(data),
          "--num_classes", "2", "--image_resize", "16", "--batch_size", "4", "--num_parallel_workers", "2",
-         "--ckpt_path", str(weights)],
+         "--ckpt_path", str(weights), "--mode", "1"],  # eager: the default mode 0 compiled for a minute
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
