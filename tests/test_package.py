@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import zipfile
@@ -33,8 +35,22 @@ def model() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def package(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_package(model, tmp_path_factory.mktemp("package") / "x05.pt2", batch=2, input_size=64)
+def exported(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The package every test here reads, written as a user would write it: ``shufflenetv2 export --aot``
+    from a weights file (one compile for the module; each takes 20-50 s on 2 cores).  Returns the package
+    and what the command printed."""
+    folder = tmp_path_factory.mktemp("package")
+    src = save_weights(folder / "x05.safetensors", model)
+    argv = ["export", str(src), str(folder / "x05.pt2"), "--aot", "--batch", "2", "--input-size", "64"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return folder / "x05.pt2", printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def package(exported: tuple[Path, str]) -> Path:
+    return exported[0]
 
 
 def test_package_gives_the_models_logits_in_either_memory_layout(model: nn.Module, package: Path) -> None:
@@ -111,17 +127,17 @@ def test_compile_package_says_when_the_machine_has_no_cpp_compiler(model: nn.Mod
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_command_writes_a_package_for_one_batch_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model = calibrated(build_network("shufflenet_v2_x0_5", 10, 3, "mindcv"), seed=5)
-    src = save_weights(tmp_path / "w.safetensors", model)
-    dst = tmp_path / "m.pt2"
-    assert main(["export", str(src), str(dst), "--aot", "--batch", "1", "--input-size", "64"]) == 0
-    assert "compiled ahead of time for float32 CPU inputs of 1x3x64x64" in capsys.readouterr().out
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+def test_export_command_writes_a_package_for_one_batch_size(
+    exported: tuple[Path, str], model: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    package, printed = exported
+    assert "compiled ahead of time for float32 CPU inputs of 2x3x64x64" in printed
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = model(x)
-    assert (load_package(dst)(x) - expected).abs().max() < 1e-4 * expected.abs().max()
+    assert (load_package(package)(x) - expected).abs().max() < 1e-4 * expected.abs().max()
     # --batch means nothing to a dynamic-batch export, and says so rather than being ignored
+    src = package.with_suffix(".safetensors")
     assert main(["export", str(src), str(tmp_path / "m.onnx"), "--batch", "4"]) == 2
     assert "--batch applies to --aot packages only" in capsys.readouterr().err
 
