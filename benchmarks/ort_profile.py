@@ -13,6 +13,7 @@ import collections
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -47,9 +48,11 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 224, 224)
     ours = fuse_for_onnx(build_network(name).eval())  # the graph `export` writes and the bench's ORT row runs
-    graphs = {"ours": _exported(ours, x), "torchvision": _exported(torchvision_model(name), x)}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, path in graphs.items():
+        models = {"ours": ours, "torchvision": torchvision_model(name)}
+        for label, model in models.items():
+            (Path(scratch) / label).mkdir()
+            path = _exported(model, x, Path(scratch) / label)
             total, ops = profile(str(path), x, f"{scratch}/{label}")
             print(f"{label}: {total:.1f} ms per run ({name}, batch {batch}, sum of node times)")
             for op, ms, count in ops[:12]:

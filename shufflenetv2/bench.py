@@ -119,27 +119,28 @@ def _torch_runner(module: nn.Module, x: torch.Tensor, amp: torch.dtype | None = 
     return run
 
 
-def _exported(module: nn.Module, x: torch.Tensor) -> Path:
-    """``module`` exported to a temporary ONNX file for inputs shaped like ``x``."""
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
+def _exported(module: nn.Module, x: torch.Tensor, scratch: Path) -> Path:
+    """``module`` exported to an ONNX file in ``scratch`` for inputs shaped like ``x``."""
+    path = scratch / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         export_onnx(module, path, input_size=x.shape[-1])
     return path
 
 
-def _packaged(module: nn.Module, x: torch.Tensor) -> nn.Module:
-    """``module`` compiled ahead of time (``compile_package``) for inputs shaped like ``x``, loaded."""
-    path = Path(tempfile.mkdtemp()) / "model.pt2"
+def _packaged(module: nn.Module, x: torch.Tensor, scratch: Path) -> nn.Module:
+    """``module`` compiled ahead of time (``compile_package``) into ``scratch`` for inputs shaped like ``x``,
+    loaded."""
+    path = scratch / "model.pt2"
     return load_package(compile_package(module, path, batch=x.shape[0], input_size=x.shape[-1]))
 
 
-def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
-    return onnx_file_runner(_exported(module, x), x, threads)
+def _onnx_runner(module: nn.Module, x: torch.Tensor, threads: int, scratch: Path) -> Callable[[], object]:
+    return onnx_file_runner(_exported(module, x, scratch), x, threads)
 
 
-def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int) -> OpenVINOProcess:
-    return OpenVINOProcess(_exported(module, x), x, threads)
+def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int, scratch: Path) -> OpenVINOProcess:
+    return OpenVINOProcess(_exported(module, x, scratch), x, threads)
 
 
 def _serve_openvino(path: str, feed: np.ndarray, threads: int, conn: Connection) -> None:
@@ -285,7 +286,9 @@ def benchmark(
             torch._dynamo.reset()
             for backend in row_backends:
                 start = time.perf_counter()
-                run = _runner(backend, ours, theirs, x, threads, amp, onnx_file)
+                # ONNX Runtime, OpenVINO's child and a loaded package have read their file once set up
+                with tempfile.TemporaryDirectory(prefix="shufflenetv2-bench-") as scratch:
+                    run = _runner(backend, ours, theirs, x, threads, Path(scratch), amp, onnx_file)
                 run()  # the first call (compilation, session warm-up) is setup
                 setups.append(time.perf_counter() - start)
                 runs.append((run, _calibrate(run, warmup, iterations)))
@@ -347,9 +350,11 @@ def _runner(
     theirs: nn.Module,
     x: torch.Tensor,
     threads: int,
+    scratch: Path,
     amp: torch.dtype | None = None,
     onnx_file: str | Path | None = None,
 ) -> Callable[[], object]:
+    """How ``backend`` runs ``x``; its exported or compiled files go to ``scratch``."""
     nhwc = x.contiguous(memory_format=torch.channels_last)
     if backend == "ours-eager":
         return _torch_runner(ours, x, amp)
@@ -360,9 +365,9 @@ def _runner(
     if backend == "ours-fused-frozen":
         return _torch_runner(fuse(ours, freeze=True), nhwc, amp)
     if backend == "ours-aot":
-        return _torch_runner(_packaged(ours, x), nhwc)
+        return _torch_runner(_packaged(ours, x, scratch), nhwc)
     if backend == "ours-onnxruntime":
-        return _onnx_runner(fuse_for_onnx(ours), x, threads)
+        return _onnx_runner(fuse_for_onnx(ours), x, threads, scratch)
     if backend == "torchvision-eager":
         return _torch_runner(theirs, x, amp)
     if backend == "torchvision-compiled":
@@ -371,13 +376,13 @@ def _runner(
         # ``to(memory_format=...)`` converts in place, and the other torchvision rows must keep NCHW weights)
         return _torch_runner(FrozenCompiled(copy.deepcopy(theirs).to(memory_format=torch.channels_last)), nhwc, amp)
     if backend == "torchvision-aot":  # the same package offered to the peer: frozen, channels_last
-        return _torch_runner(_packaged(theirs, x), nhwc)
+        return _torch_runner(_packaged(theirs, x, scratch), nhwc)
     if backend == "torchvision-onnxruntime":
-        return _onnx_runner(theirs, x, threads)
+        return _onnx_runner(theirs, x, threads, scratch)
     if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts
-        return _openvino_runner(fuse(ours, channels_last=False), x, threads)
+        return _openvino_runner(fuse(ours, channels_last=False), x, threads, scratch)
     if backend == "torchvision-openvino":
-        return _openvino_runner(theirs, x, threads)
+        return _openvino_runner(theirs, x, threads, scratch)
     if backend == ONNX_FILE and onnx_file is not None:
         return onnx_file_runner(onnx_file, x, threads)
     raise ValueError(f"unknown backend {backend!r}")

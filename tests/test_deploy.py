@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -256,9 +258,15 @@ def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
         expand_backends(["tensorrt"])
 
 
-def test_bench_times_an_exported_onnx_file_beside_torchvisions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """``bench --backend onnxruntime --onnx FILE``: the file `export` wrote, in turn with both ONNX Runtime rows."""
+def test_bench_times_an_exported_onnx_file_beside_torchvisions(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench --backend onnxruntime --onnx FILE``: the file `export` wrote, in turn with both ONNX Runtime rows;
+    the bench's own exports are gone once it has run."""
     pytest.importorskip("onnxruntime")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the bench's temporary files go
     src = save_weights(tmp_path / "w.safetensors", _model("shufflenet_v2_x0_5", "mindcv"))
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(src), str(onnx_path), "--input-size", "64"]) == 0
@@ -273,6 +281,7 @@ def test_bench_times_an_exported_onnx_file_beside_torchvisions(tmp_path: Path, c
     assert all(r["images_per_second"] > 0 for r in results["rows"])
     assert results["settings"]["onnx_file"] == str(onnx_path)
     assert torch.backends.cpu.get_cpu_capability() in results["machine"]["cpu"]  # which kernels ran
+    assert list(scratch.iterdir()) == []  # two exports were written there, and removed
     capsys.readouterr()
 
     garbage = tmp_path / "garbage.onnx"
@@ -303,7 +312,11 @@ def test_bench_openvino_rows_compute_the_logits(tmp_path: Path) -> None:
     for backend, reference in (("ours-openvino", model), ("torchvision-openvino", theirs)):
         with torch.no_grad():
             expected = reference(x).numpy()
-        got = _runner(backend, model, theirs, x, threads=1)()
+        scratch = tmp_path / backend
+        scratch.mkdir()
+        run = _runner(backend, model, theirs, x, threads=1, scratch=scratch)
+        shutil.rmtree(scratch)  # as the bench removes it: the child has compiled the file already
+        got = run()
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
     out = tmp_path / "bench.json"
     args = ["bench", "--models", "shufflenet_v2_x0_5", "--batches", "1", "--backend", "openvino", "--warmup", "1",
@@ -394,23 +407,24 @@ def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> Non
     assert inductor_config.freezing is False
 
 
-def test_frozen_fused_model_runs_under_bfloat16_autocast() -> None:
+def test_frozen_fused_model_runs_under_bfloat16_autocast(tmp_path: Path) -> None:
     """How benchmarks/gpu.sh runs the frozen rows (bf16 autocast), checked on the CPU: the weights are
     cast once inside the frozen graph, and the logits stay those of the float32 model to bf16 precision."""
     model = _model("shufflenet_v2_x0_5", "mindcv")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    got = _runner("ours-fused-frozen", model, None, x, threads=1, amp=torch.bfloat16)()
+    got = _runner("ours-fused-frozen", model, None, x, threads=1, scratch=tmp_path, amp=torch.bfloat16)()
     with torch.no_grad():
         expected = model(x)
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_torchvision_frozen_row_computes_torchvisions_logits() -> None:
+def test_torchvision_frozen_row_computes_torchvisions_logits(tmp_path: Path) -> None:
     """The peer gets the same freezing as ours (channels_last, oneDNN packing), and must still be itself."""
     theirs = _model("shufflenet_v2_x0_5", "torchvision", seed=1)  # logits that depend on the image
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = theirs(x)
-    got = _runner("torchvision-frozen", _model("shufflenet_v2_x0_5", "mindcv"), theirs, x, threads=1)()
+    ours = _model("shufflenet_v2_x0_5", "mindcv")
+    got = _runner("torchvision-frozen", ours, theirs, x, threads=1, scratch=tmp_path)()
     assert (got - expected).abs().max() < 1e-4
