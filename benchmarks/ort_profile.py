@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from shufflenetv2.bench import _exported, onnx_session, torchvision_model
-from shufflenetv2.deploy import fuse_for_onnx
 from shufflenetv2.model import build_network
+from shufflenetv2.onnx_graph import fuse_for_onnx
 
 RUNS = 30
 

@@ -1,12 +1,13 @@
 """ShuffleNetV2 on PyTorch, numerically faithful to MindCV, with weights that move between MindCV,
 torchvision and safetensors."""
 
-from .deploy import export_onnx, export_program, fuse, fuse_for_onnx
+from .deploy import export_onnx, export_program, fuse
 from .errors import CheckpointError, DownloadError, ShuffleNetV2Error
 from .factory import create_model
 from .host_memory import keep_freed_memory
 from .layout import convert_layout
 from .model import WIDTHS, ShuffleNetV2, ShuffleNetV2Torchvision, build_network
+from .onnx_graph import fuse_for_onnx
 from .package import compile_package, load_package
 from .summary import summarize
 from .weights import Weights, detect_format, load_weights, read_weights, save_weights

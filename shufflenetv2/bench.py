@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .deploy import FrozenCompiled, export_onnx, fuse, fuse_for_onnx
+from .deploy import FrozenCompiled, export_onnx, fuse
 from .model import build_network
+from .onnx_graph import fuse_for_onnx
 from .package import compile_package, load_package
 from .summary import summarize
 

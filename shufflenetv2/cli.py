@@ -121,7 +121,8 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .deploy import export_onnx, export_program, fuse, fuse_for_onnx
+    from .deploy import export_onnx, export_program, fuse
+    from .onnx_graph import fuse_for_onnx
 
     weights = read_weights(args.src)
     name = args.model or weights.arch["model"]

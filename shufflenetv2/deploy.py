@@ -8,9 +8,9 @@ logical evens (the next block's pass-through) and the logical odds (its branch i
 then no copy at all, the permutation moves into the weights that read or write those channels, and
 each block ends with two concatenations of two slices.  torchvision's layout keeps its
 explicit shuffle (its interleaving does not settle into one fixed storage order), with BN folded.
-For ONNX Runtime the branches are padded with zero channels to a multiple of 4 (``channel_multiple``).
-On channels_last the 1x1 convolutions become matrix products (``PointwiseLinear``), and for
-``torch.compile`` the depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
+For ONNX Runtime, ``onnx_graph.fuse_for_onnx`` arranges the channels differently.  On channels_last
+the 1x1 convolutions become matrix products (``PointwiseLinear``), and for ``torch.compile`` the
+depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 """
 
 from __future__ import annotations
@@ -80,46 +80,14 @@ def _write_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
         conv.bias.copy_(conv.bias[order])
 
 
-@torch.no_grad()
-def _pad_channels(conv: nn.Conv2d, outputs: int = 0, inputs: int = 0) -> None:
-    """Append zero output and input channels to ``conv`` (its BatchNorm already folded into the bias).
-
-    A zero output channel stays zero through the ReLU that follows and is read with zero weight, so
-    the logits do not change.  A depthwise convolution grows its inputs with its outputs.
-    """
-    depthwise = conv.groups > 1
-    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0 if depthwise else inputs, 0, outputs))
-    conv.weight = nn.Parameter(weight)
-    conv.bias = nn.Parameter(F.pad(conv.bias, (0, outputs)))
-    conv.out_channels += outputs
-    conv.in_channels += outputs if depthwise else inputs
-    conv.groups += outputs if depthwise else 0
-
-
-def _shortfall(channels: int, multiple: int) -> int:
-    """The zero channels that round ``channels`` up to a multiple of ``multiple``."""
-    return -channels % multiple
-
-
-def _pad_branch(branch: nn.Sequential, multiple: int, odds_in: int = 0, odds_out: int = 0) -> None:
-    """Round the branch's inner width up to ``multiple``; it reads ``odds_in`` zero channels appended to
-    its input and appends ``odds_out`` zero channels to its output."""
-    pw1, dw, pw2 = _convs(branch)
-    inner = _shortfall(pw1.out_channels, multiple)
-    _pad_channels(pw1, outputs=inner, inputs=odds_in)
-    _pad_channels(dw, outputs=inner)
-    _pad_channels(pw2, outputs=odds_out, inputs=inner)
-
-
 Halves = tuple[torch.Tensor, ...]  # the activation between fused blocks: its "evens first" storage, cut in two
 
 
 class FusedDownBlock(nn.Module):
     """A stride-2 block reading any known storage order (one tensor, or the halves of one) and writing
-    the logical evens and the logical odds of its output as two tensors; ``odds_pad`` zero channels
-    follow the odds (see ``fuse``'s ``channel_multiple``)."""
+    the logical evens and the logical odds of its output as two tensors."""
 
-    def __init__(self, block: MindCVBlock, input_order: torch.Tensor, multiple: int = 1, odds_pad: int = 0) -> None:
+    def __init__(self, block: MindCVBlock, input_order: torch.Tensor) -> None:
         super().__init__()
         self.branch_proj, self.branch_main = block.branch_proj, block.branch_main
         proj_dw, proj_pw = _convs(self.branch_proj)
@@ -129,14 +97,12 @@ class FusedDownBlock(nn.Module):
         _read_in_order(main_pw1, input_order)
         _write_in_order(proj_pw, evens_first(proj_pw.out_channels))
         _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
-        self.proj_half, main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
-        self.main_split = [main_half, main_half + odds_pad]
-        _pad_branch(self.branch_main, multiple, odds_out=odds_pad)
+        self.proj_half, self.main_half = proj_pw.out_channels // 2, main_pw2.out_channels // 2
 
     def forward(self, x: Halves) -> Halves:
         x = x[0] if len(x) == 1 else torch.cat(x, 1)
         p_even, p_odd = torch.split(self.branch_proj(x), self.proj_half, 1)
-        m_even, m_odd = torch.split(self.branch_main(x), self.main_split, 1)
+        m_even, m_odd = torch.split(self.branch_main(x), self.main_half, 1)
         return torch.cat((p_even, m_even), 1), torch.cat((p_odd, m_odd), 1)
 
 
@@ -146,53 +112,35 @@ class FusedBlock(nn.Module):
 
     Keeping the halves apart, rather than one tensor that each block slices, saves a copy of the whole
     activation per block: 1.03x-1.13x in ONNX Runtime and 1.02x-1.04x in eager PyTorch (x0.5 batch 1 and
-    32, x1.0 batch 1; measured paired on this project's CPU).  The odds may carry zero channels at their
-    end, ``odds_pad_in`` coming in and ``odds_pad_out`` going out.
+    32, x1.0 batch 1; measured paired on this project's CPU).
     """
 
-    def __init__(self, block: MindCVBlock, multiple: int = 1, odds_pad_in: int = 0, odds_pad_out: int = 0) -> None:
+    def __init__(self, block: MindCVBlock) -> None:
         super().__init__()
         self.branch_main = block.branch_main
         main_pw2 = _convs(self.branch_main)[-1]
         _write_in_order(main_pw2, evens_first(main_pw2.out_channels))
-        half = main_pw2.out_channels // 2
-        self.branch_split = [half, half + odds_pad_out]
-        _pad_branch(self.branch_main, multiple, odds_in=odds_pad_in, odds_out=odds_pad_out)
+        self.half = main_pw2.out_channels // 2
 
     def forward(self, x: Halves) -> Halves:
         proj, odds = x
-        b_even, b_odd = torch.split(self.branch_main(odds), self.branch_split, 1)
+        b_even, b_odd = torch.split(self.branch_main(odds), self.half, 1)
         return torch.cat((proj[:, 0::2], b_even), 1), torch.cat((proj[:, 1::2], b_odd), 1)
 
 
 class FusedShuffleNetV2(nn.Module):
-    """MindCV's network for inference: 0 BatchNorms, 0 gathers, two concatenations per block.
+    """MindCV's network for inference: 0 BatchNorms, 0 gathers, two concatenations per block."""
 
-    ``channel_multiple`` rounds the width inside each branch, and the odds half that a stride-1 block
-    feeds its branch, up to that multiple with zero channels (same logits); ``stem_multiple`` does the
-    same for the stem's output, which the first block then reads with zero weights.
-    """
-
-    def __init__(self, model: ShuffleNetV2, channel_multiple: int = 1, stem_multiple: int = 1) -> None:
+    def __init__(self, model: ShuffleNetV2) -> None:
         super().__init__()
         model = fold_all_batchnorms(copy.deepcopy(model).eval())
         self.in_channels, self.num_classes = model.in_channels, model.num_classes
         self.first_conv, self.max_pool = model.first_conv, model.max_pool
         blocks: list[nn.Module] = []
         order = torch.arange(model.first_conv[0].out_channels)  # the stem writes logical order
-        odds_pad = 0  # zero channels after the odds coming into the block
-        for block, following in zip(model.features, [*model.features[1:], None], strict=True):
-            out_channels = _block_out_channels(block)
-            # pad the output's odds only for a stride-1 block's branch; a stride-2 block reads them as they are
-            feeds_branch = following is not None and following.stride == 1
-            pad_out = _shortfall(out_channels // 2, channel_multiple) if feeds_branch else 0
-            if block.stride == 2:
-                blocks.append(FusedDownBlock(block, order, channel_multiple, pad_out))
-            else:
-                blocks.append(FusedBlock(block, channel_multiple, odds_pad, pad_out))
-            order, odds_pad = evens_first(out_channels), pad_out
-        stem = _convs(self.first_conv)[0]
-        _pad_stem(stem, blocks[0], _shortfall(stem.out_channels, stem_multiple))
+        for block in model.features:
+            blocks.append(FusedDownBlock(block, order) if block.stride == 2 else FusedBlock(block))
+            order = evens_first(_block_out_channels(block))
         self.features = nn.Sequential(*blocks)
         self.conv_last = model.conv_last
         _read_in_order(_convs(self.conv_last)[0], order)
@@ -208,25 +156,16 @@ class FusedShuffleNetV2(nn.Module):
         return self.classifier(x.mean((2, 3)))
 
 
-def _pad_stem(stem: nn.Conv2d, first: nn.Module, extra: int) -> None:
-    """``extra`` zero output channels on the stem, read with zero weights by the first (stride-2) block."""
-    if extra == 0:
-        return
-    assert isinstance(first, FusedDownBlock), "every MindCV network opens with a stride-2 block"
-    proj_dw, proj_pw = _convs(first.branch_proj)
-    _pad_channels(stem, outputs=extra)
-    _pad_channels(proj_dw, outputs=extra)  # depthwise: a zero channel in, a zero channel out
-    _pad_channels(proj_pw, inputs=extra)
-    _pad_channels(_convs(first.branch_main)[0], inputs=extra)
-
-
 def _block_out_channels(block: MindCVBlock) -> int:
     main_out = _convs(block.branch_main)[-1].out_channels
     return main_out + (_convs(block.branch_proj)[-1].out_channels if block.stride == 2 else main_out)
 
 
-def _even_branches(model: ShuffleNetV2) -> bool:
-    """The storage order needs even branch outputs (true for all four published widths)."""
+def is_foldable(model: nn.Module) -> bool:
+    """Whether the shuffle folds into weights: MindCV's layout, with even branch outputs (true for all four
+    published widths; the storage orders need them)."""
+    if not isinstance(model, ShuffleNetV2):
+        return False
     branches = [b for block in model.features for b in (block.branch_main, block.branch_proj) if b is not None]
     return all(_convs(branch)[-1].out_channels % 2 == 0 for branch in branches)
 
@@ -347,14 +286,7 @@ class FrozenCompiled(nn.Module):
             return self.compiled(x)
 
 
-def fuse(
-    model: nn.Module,
-    channels_last: bool = True,
-    compile: bool = False,
-    channel_multiple: int = 1,
-    freeze: bool = False,
-    stem_multiple: int = 1,
-) -> nn.Module:
+def fuse(model: nn.Module, channels_last: bool = True, compile: bool = False, freeze: bool = False) -> nn.Module:
     """An inference copy of ``model`` (which is left untouched): same inputs, same logits.
 
     ``channels_last`` stores activations NHWC, which the CPU and GPU convolution kernels prefer, and
@@ -363,23 +295,15 @@ def fuse(
     depthwise convolutions unrolled for the compiler (``UnrolledDepthwise``);
     ``freeze`` compiles with the weights frozen into the graph instead (``FrozenCompiled``): convolutions
     stay oneDNN convolutions (channels_last), packed once; weights changed afterwards are not seen until
-    something (another batch size, another grad mode) makes it recompile, so treat the result as read-only;
-    ``channel_multiple`` pads MindCV-layout branches with zero channels up to that multiple.  Use 4 for
-    ONNX Runtime (``ONNX_CHANNEL_MULTIPLE``), whose blocked-layout convolutions need a multiple of 4:
-    x1.0's and x2.0's stage-2 branches (58 and 122 channels) otherwise run as plain NCHW convolutions.
-    Padded to 60 and 124, the whole network ran 1.13x (batch 1) and 1.14x (batch 32) faster there at x1.0,
-    1.06x at x2.0 batch 1 (paired, on this project's CPU).  PyTorch gains nothing from it.
-    ``stem_multiple`` pads the stem's 24 channels the same way (``fuse_for_onnx`` explains why).
+    something (another batch size, another grad mode) makes it recompile, so treat the result as read-only.
+    For ONNX Runtime use ``fuse_for_onnx`` (``onnx_graph``).
     """
-    for label, value in (("channel_multiple", channel_multiple), ("stem_multiple", stem_multiple)):
-        if value < 1:
-            raise ValueError(f"{label} must be a positive integer, not {value}")
     if compile and freeze:
         raise ValueError(
             "fuse(compile=True, freeze=True): pick one; freeze already compiles (with the weights frozen "
             "into the graph), compile alone keeps them as parameters"
         )
-    fused = _folded(model, channel_multiple, stem_multiple)
+    fused = _folded(model)
     if freeze:  # oneDNN convolutions with packed weights beat both the matmuls and the unrolled taps here
         return FrozenCompiled(fused.to(memory_format=torch.channels_last) if channels_last else fused)
     if channels_last:
@@ -387,10 +311,10 @@ def fuse(
     return torch.compile(unroll_depthwise(fused)) if compile else fused
 
 
-def _folded(model: nn.Module, channel_multiple: int = 1, stem_multiple: int = 1) -> nn.Module:
+def _folded(model: nn.Module) -> nn.Module:
     """A read-only eval copy with every BatchNorm folded (and, for our network, the shuffle)."""
-    if isinstance(model, ShuffleNetV2) and _even_branches(model):
-        fused: nn.Module = FusedShuffleNetV2(model, channel_multiple, stem_multiple)
+    if is_foldable(model):
+        fused: nn.Module = FusedShuffleNetV2(model)
     else:
         fused = fold_all_batchnorms(copy.deepcopy(model).eval())
     return fused.eval().requires_grad_(False)
@@ -404,28 +328,6 @@ def frozen_graph(model: nn.Module) -> nn.Module:
 
 def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, getattr(model, "in_channels", 3), input_size, input_size)
-
-
-ONNX_CHANNEL_MULTIPLE = 4  # ``fuse(..., channel_multiple=...)`` for a model that ONNX Runtime will run
-ONNX_STEM_MULTIPLE = 16  # ONNX Runtime's widest blocked layout (AVX-512); see ``fuse_for_onnx``
-
-
-def fuse_for_onnx(model: nn.Module) -> nn.Module:
-    """The fused model as ``export`` writes it for ONNX Runtime: NCHW, branches padded to a multiple of 4,
-    and the stem's 24 channels padded to 32.
-
-    ORT runs its blocked-layout (NCHWc) max-pool only on a channel count that is a multiple of its block,
-    16 channels with AVX-512.  With 24 the stem's convolution leaves the blocked layout, the pool runs
-    on plain NCHW and the first block's convolutions convert back: two reorders of the largest
-    activation in the network.  Padded to 32, the stem, its pool and the first block stay blocked; the
-    convolutions already computed 32 channels inside ORT (their blocks are padded), so the extra work is
-    only the pool's.  Paired against the unpadded graph on this project's AVX-512 CPU, ORT, 2 threads, three
-    runs (``benchmarks/results/cpu_stem_pad``): 1.07-1.11x at x0.5 batch 1, 1.11-1.17x at x0.5 batch 32;
-    x1.0 has twice the work after the stem, and gained 0.99-1.19x at batch 1 (noisy) and 1.01-1.03x at
-    batch 32.  Where the block is 8 (AVX2) 24 channels were already aligned, and the pad costs a third
-    more pooling work.
-    """
-    return fuse(model, channels_last=False, channel_multiple=ONNX_CHANNEL_MULTIPLE, stem_multiple=ONNX_STEM_MULTIPLE)
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_size: int = 224, opset: int = 17) -> Path:

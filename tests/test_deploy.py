@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import shutil
@@ -19,8 +20,6 @@ from shufflenetv2 import create_model, save_weights
 from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_backends, torchvision_model
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
-    ONNX_CHANNEL_MULTIPLE,
-    ONNX_STEM_MULTIPLE,
     FrozenCompiled,
     FusedShuffleNetV2,
     PointwiseLinear,
@@ -28,9 +27,9 @@ from shufflenetv2.deploy import (
     export_onnx,
     fold_batchnorm,
     fuse,
-    fuse_for_onnx,
 )
 from shufflenetv2.model import LAYOUTS, WIDTHS, build_network
+from shufflenetv2.onnx_graph import ONNX_STEM_MULTIPLE, RoutedShuffleNetV2, fuse_for_onnx
 
 from .conftest import assert_depends_on_the_image, calibrated, randomize_bn, shared_file
 
@@ -70,23 +69,21 @@ def _depthwise_widths(fused: nn.Module) -> set[int]:
     return {m.out_channels for m in fused.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("multiple", [3, 4, 16])
-@pytest.mark.parametrize("name", ["shufflenet_v2_x1_0", "shufflenet_v2_x2_0"])
-def test_zero_channel_padding_keeps_the_logits(name: str, multiple: int, channels_last: bool) -> None:
-    """Branches padded with zero channels (58 -> 60 for ONNX Runtime): float64 logits equal to 1e-10."""
+@pytest.mark.parametrize("multiple", [1, 3, 4, 16])
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_routed_graph_with_zero_channel_padding_keeps_the_logits(name: str, multiple: int) -> None:
+    """The ONNX Runtime graph (channels routed by reader, branches padded with zero channels, 58 -> 60 at
+    x1.0 for ORT): float64 logits equal to 1e-10."""
     model = _model(name, "mindcv").double()
-    plain = fuse(model, channels_last=False)
-    padded = fuse(model, channels_last=channels_last, channel_multiple=multiple)
-    stage2 = WIDTHS[name][1] // 2  # 58 or 122: the stage-2 branch width, a multiple of neither 4 nor 16
-    assert stage2 in _depthwise_widths(plain)
-    if not channels_last:  # channels_last turns the 1x1 convolutions into matrix products; the widths are the same
-        assert -(-stage2 // multiple) * multiple in _depthwise_widths(padded)
-        assert stage2 not in _depthwise_widths(padded)
+    routed = RoutedShuffleNetV2(model, multiple).eval()
+    stage2 = WIDTHS[name][1] // 2  # the stage-2 branch width: 58 and 122 are multiples of neither 4 nor 16
+    assert -(-stage2 // multiple) * multiple in _depthwise_widths(routed)
+    if stage2 != WIDTHS[name][0]:  # x0.5's is also the stem's width, which the first projection reads
+        assert (stage2 in _depthwise_widths(routed)) == (stage2 % multiple == 0)
     x = torch.randn(2, 3, 64, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(multiple))
     with torch.no_grad():
         expected = model(x)
-        got = padded(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        got = routed(x)
     assert expected.abs().max() > 1.0
     assert (expected - got).abs().max() < 1e-10
 
@@ -95,17 +92,17 @@ def test_zero_channel_padding_keeps_the_logits(name: str, multiple: int, channel
 def test_fuse_keeps_the_models_device_and_dtype(channels_last: bool) -> None:
     """A CUDA model fused must stay on CUDA: checked on the meta device, which runs shapes only."""
     model = build_network("shufflenet_v2_x1_0").to(device="meta", dtype=torch.float64)
-    fused = fuse(model, channels_last=channels_last, channel_multiple=ONNX_CHANNEL_MULTIPLE)
-    assert {(p.device.type, p.dtype) for p in fused.parameters()} == {("meta", torch.float64)}
     x = torch.empty(2, 3, 64, 64, device="meta", dtype=torch.float64)
-    assert fused(x).shape == (2, 1000)
+    for fused in (fuse(model, channels_last=channels_last), fuse_for_onnx(model)):
+        assert {(p.device.type, p.dtype) for p in fused.parameters()} == {("meta", torch.float64)}
+        assert fused(x).shape == (2, 1000)
 
 
-def test_channel_multiple_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="channel_multiple must be a positive integer"):
-        fuse(_model("shufflenet_v2_x0_5", "mindcv"), channel_multiple=0)
+def test_padding_multiples_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="multiple must be a positive integer"):
+        RoutedShuffleNetV2(_model("shufflenet_v2_x0_5", "mindcv"), multiple=0)
     with pytest.raises(ValueError, match="stem_multiple must be a positive integer"):
-        fuse(_model("shufflenet_v2_x0_5", "mindcv"), stem_multiple=-16)
+        RoutedShuffleNetV2(_model("shufflenet_v2_x0_5", "mindcv"), stem_multiple=-16)
 
 
 def test_fuse_refuses_compile_together_with_freeze() -> None:
@@ -120,7 +117,7 @@ def test_stem_padding_keeps_the_logits(name: str) -> None:
     model = _model(name, "mindcv").double()
     padded = fuse_for_onnx(model)
     assert padded.first_conv[0].out_channels == 32 == -(-24 // ONNX_STEM_MULTIPLE) * ONNX_STEM_MULTIPLE
-    assert padded.features[0].branch_proj[0].groups == 32  # the first block's depthwise reads them
+    assert padded.stages[0].proj[0].groups == 32  # the first block's depthwise reads them
     x = torch.randn(2, 3, 64, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)
@@ -180,7 +177,10 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(name: str, layout:
     path = export_onnx(fuse_for_onnx(model), tmp_path / "m.onnx")
     graph = onnx.load(str(path))
     assert graph.opset_import[0].version >= 17
-    assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
+    ops = collections.Counter(node.op_type for node in graph.graph.node)
+    assert ops["BatchNormalization"] == 0
+    if layout == "mindcv":  # routed by reader: no slices, one concatenation per block at most (the halves: two)
+        assert ops["Slice"] == 0 and ops["Concat"] <= len(model.features), ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):  # the batch dimension is dynamic
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
