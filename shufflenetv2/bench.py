@@ -381,7 +381,7 @@ def _runner(
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads, scratch)
     if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts
-        return _openvino_runner(fuse(ours, channels_last=False), x, threads, scratch)
+        return _openvino_runner(fuse_for_onnx(ours, pad=False), x, threads, scratch)
     if backend == "torchvision-openvino":
         return _openvino_runner(theirs, x, threads, scratch)
     if backend == ONNX_FILE and onnx_file is not None:
