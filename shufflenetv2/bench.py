@@ -144,9 +144,10 @@ def _openvino_runner(module: nn.Module, x: torch.Tensor, threads: int, scratch: 
     return OpenVINOProcess(_exported(module, x, scratch), x, threads)
 
 
-def _serve_openvino(path: str, feed: np.ndarray, threads: int, conn: Connection) -> None:
+def _serve_openvino(path: str, feed_path: str, threads: int, conn: Connection) -> None:
     """The child's side of ``OpenVINOProcess``: compile, say so (or why not), then run what is asked."""
     try:
+        feed = np.load(feed_path)
         import openvino
 
         core = openvino.Core()
@@ -186,9 +187,12 @@ class OpenVINOProcess:
 
         context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive it
         self._conn, child_end = context.Pipe()
-        process = context.Process(
-            target=_serve_openvino, args=(str(path), x.contiguous().numpy(), threads, child_end), daemon=True
-        )
+        # the input goes in a file beside the model, not with the arguments: those are written to the child
+        # before it starts, and a child that dies while starting then left a larger input blocked in the pipe
+        feed_path = Path(path).with_name(Path(path).stem + "-input.npy")
+        np.save(feed_path, x.contiguous().numpy())
+        args = (str(path), str(feed_path), threads, child_end)
+        process = context.Process(target=_serve_openvino, args=args, daemon=True)
         process.start()
         child_end.close()
         weakref.finalize(self, _stop_child, self._conn, process)
@@ -204,12 +208,20 @@ class OpenVINOProcess:
         self._answer()
 
     def _answer(self) -> object:
+        while not self._conn.poll(0.5):  # a child that died without a word is an error, not a wait
+            if not self._process.is_alive():
+                break
         try:
+            if not self._conn.poll():
+                raise EOFError
             status, value = self._conn.recv()
         except EOFError:
             self._process.join(5)
             code = self._process.exitcode
-            raise RuntimeError(f"the OpenVINO process ended without answering (exit code {code})") from None
+            raise RuntimeError(
+                f"the OpenVINO process ended without answering (exit code {code}); a script that benches OpenVINO "
+                "must guard its top level with `if __name__ == '__main__':`, as the spawned child runs it again"
+            ) from None
         if status == "error":
             raise RuntimeError(f"OpenVINO could not run the model: {value}")
         return value

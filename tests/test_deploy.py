@@ -6,6 +6,7 @@ import collections
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -300,6 +301,21 @@ def test_bench_times_an_exported_onnx_file_beside_torchvisions(
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_openvino_child_that_dies_while_starting_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A script without a ``__main__`` guard: the spawned child runs it again and dies while starting.  With
+    an input over a pipe's 64 KB (2 x 3 x 64 x 64 floats) passed as an argument, the parent waited forever
+    writing it to the dead child."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import torch\nfrom shufflenetv2.bench import OpenVINOProcess\n"
+        "OpenVINOProcess('model.onnx', torch.zeros(2, 3, 64, 64), 1)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "the OpenVINO process ended without answering" in done.stderr
+    assert "if __name__ == '__main__':" in done.stderr
 
 
 def test_bench_openvino_rows_compute_the_logits(tmp_path: Path) -> None:
