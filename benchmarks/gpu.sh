@@ -10,8 +10,9 @@
 # 4. the data pipeline per CPU core of this machine
 # Each section has its own time limit, so a slow one cannot take the others' time; SMOKE=1 DEVICE=cpu runs
 # the whole script at toy sizes on a CPU (how it is tested without a GPU: tests/test_gpu_script.py), with
-# torch.compile switched off (TORCH_COMPILE_DISABLE): the compiled rows' code is tested by tests/test_deploy.py
-# and tests/test_train.py, and compiling the same network five more times on 2 cores took 4 of 6.5 minutes.
+# torch.compile switched off (TORCH_COMPILE_DISABLE): the compiled rows' code is tested by tests/test_deploy.py,
+# tests/test_train.py and (training under bf16 autocast, on two blocks) tests/test_model.py, and compiling the
+# same network five more times on 2 cores took 4 of 6.5 minutes.
 # RUNS (default runs/) is where section 3 puts its JPEG links and training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."

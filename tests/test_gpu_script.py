@@ -1,7 +1,8 @@
 """benchmarks/gpu.sh, run whole at toy sizes on the CPU: a GPU machine is lent for minutes at a time, so the
 script must work the first time it meets one.  What only a GPU can show (nvJPEG, CUDA timings) is not tested,
 and the smoke run switches torch.compile off (its compiled rows run eager): compiling is tested in
-test_deploy.py and test_train.py, and five more compiles here took 4 of the test's 6.5 minutes."""
+test_deploy.py, test_train.py and, for training under bf16 autocast, test_model.py (on two blocks), and five
+more compiles here took 4 of the test's 6.5 minutes."""
 
 from __future__ import annotations
 

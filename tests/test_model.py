@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shufflenetv2 import build_network, create_model
-from shufflenetv2.model import WIDTHS, StemPool, global_average
+from shufflenetv2.model import WIDTHS, MindCVBlock, StemPool, global_average
 
 from .conftest import assert_depends_on_the_image, assert_same_logits, calibrated, logits
 
@@ -165,3 +168,34 @@ def test_the_calibrated_test_models_logits_depend_on_the_image() -> None:
     torchvision = pytest.importorskip("torchvision")
     assert_depends_on_the_image(calibrated(torchvision.models.shufflenet_v2_x0_5(num_classes=10)), size=224)
     assert_depends_on_the_image(calibrated(create_model("shufflenet_v2_x0_5", num_classes=10)), size=224)
+
+
+def test_blocks_train_compiled_under_bfloat16_autocast() -> None:
+    """How ``gpu.sh`` trains (mode 0, bf16 autocast, channels_last), on two blocks so the CPU compiles in
+    seconds: our BatchNorm and even/odd split, compiled under autocast, stay as close to the float32 step as
+    eager autocast does (outputs, gradients, BatchNorm running statistics).  bf16 alone moves these by up to
+    a fifth of their scale, and gradients that are zero in exact arithmetic (a bias just before a BatchNorm)
+    entirely, so the bar is eager bf16's own distance from float32."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    template = nn.Sequential(MindCVBlock(24, 48, 2), MindCVBlock(24, 48, 1)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 24, 16, 16).contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(4, 48, 8, 8)
+
+    def train_step(compiled: bool, amp: bool) -> list[torch.Tensor]:
+        blocks = copy.deepcopy(template)
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = (torch.compile(blocks) if compiled else blocks)(inputs)
+        assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+        (out.float() * weights).sum().backward()
+        return [out.float(), inputs.grad, *(p.grad for p in blocks.parameters()), *blocks.buffers()]
+
+    torch._dynamo.reset()
+    exact, eager, compiled = train_step(False, False), train_step(False, True), train_step(True, True)
+    assert len(exact) == 2 + 24 + 24  # 8 convolutions, 8 BatchNorms (weight, bias; mean, variance, count)
+    for reference, e, c in zip(exact, eager, compiled, strict=True):
+        scale = reference.double().abs().max().item()
+        eager_error, compiled_error = ((t.double() - reference.double()).abs().max().item() for t in (e, c))
+        assert compiled_error <= 2 * eager_error + 1e-3 * scale, (compiled_error, eager_error, scale)
