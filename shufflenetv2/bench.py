@@ -219,8 +219,9 @@ class OpenVINOProcess:
             self._process.join(5)
             code = self._process.exitcode
             raise RuntimeError(
-                f"the OpenVINO process ended without answering (exit code {code}); a script that benches OpenVINO "
-                "must guard its top level with `if __name__ == '__main__':`, as the spawned child runs it again"
+                f"the OpenVINO process ended without answering (exit code {code}); if it ran from a script of "
+                "yours, guard the script's top level with `if __name__ == '__main__':`, which the spawned child "
+                "otherwise runs again"
             ) from None
         if status == "error":
             raise RuntimeError(f"OpenVINO could not run the model: {value}")

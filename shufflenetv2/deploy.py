@@ -111,8 +111,8 @@ class FusedBlock(nn.Module):
     odds feed the branch, and the output halves are again the logical evens and odds.
 
     Keeping the halves apart, rather than one tensor that each block slices, saves a copy of the whole
-    activation per block: 1.03x-1.13x in ONNX Runtime and 1.02x-1.04x in eager PyTorch (x0.5 batch 1 and
-    32, x1.0 batch 1; measured paired on this project's CPU).
+    activation per block: 1.02x-1.04x in eager PyTorch (x0.5 batch 1 and 32, x1.0 batch 1; measured paired
+    on this project's CPU), and 1.03x-1.13x in ONNX Runtime before ``onnx_graph``'s routing replaced it there.
     """
 
     def __init__(self, block: MindCVBlock) -> None:
