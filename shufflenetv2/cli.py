@@ -142,8 +142,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
         return
     if args.batch != 1:
         raise ShuffleNetV2Error("--batch applies to --aot packages only: .onnx and .pt2 exports take any batch")
-    if dst.suffix == ".onnx":
-        export_onnx(fuse_for_onnx(model), dst, args.input_size, args.opset)
+    if args.runtime != "onnxruntime" and dst.suffix != ".onnx":
+        raise ShuffleNetV2Error(f"--runtime applies to .onnx exports only, not to {dst.name}")
+    if dst.suffix == ".onnx":  # the zero-channel padding is for ONNX Runtime's blocked layout only
+        export_onnx(fuse_for_onnx(model, pad=args.runtime == "onnxruntime"), dst, args.input_size, args.opset)
     elif dst.suffix == ".pt2":
         export_program(fuse(model, channels_last=False), dst, args.input_size)
     else:
@@ -300,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--batch", type=int, default=1, help="with --aot: the one batch size the package takes")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.add_argument(
+        "--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+        help="the runtime the .onnx file is shaped for: onnxruntime pads channels for its blocked layout, "
+        "openvino runs the unpadded graph faster",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     from .bench import ALL_BACKENDS, BACKENDS

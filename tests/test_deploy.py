@@ -230,6 +230,13 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     with torch.no_grad():
         assert (program(x) - expected).abs().max() < 1e-4
     assert main(["export", str(src), str(tmp_path / "m.tflite")]) == 2
+    # for OpenVINO: the same routed graph without ONNX Runtime's zero channels
+    assert main(["export", str(src), str(tmp_path / "ov.onnx"), "--runtime", "openvino"]) == 0
+    dims = [list(i.dims) for i in onnx.load(str(tmp_path / "ov.onnx")).graph.initializer]
+    assert [24, 3, 3, 3] in dims and [32, 3, 3, 3] not in dims
+    session = ort.InferenceSession(str(tmp_path / "ov.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
+    assert main(["export", str(src), str(tmp_path / "ov.pt2"), "--runtime", "openvino"]) == 2
 
 
 def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
