@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -63,21 +63,38 @@ def _convs(branch: nn.Sequential) -> list[nn.Conv2d]:
     return [m for m in branch if isinstance(m, nn.Conv2d)]
 
 
+ZERO = -1  # in a channel order: a channel of zeros (padding, see ``onnx_graph``), read with zero weights
+ChannelOrder = torch.Tensor | Sequence[int]
+
+
+def _pick(conv: nn.Conv2d, order: ChannelOrder) -> tuple[torch.Tensor, torch.Tensor]:
+    """``order`` as indices for ``conv``'s weights, and 1 where a channel is real, 0 where it is ``ZERO``."""
+    order = torch.as_tensor(order, device=conv.weight.device)
+    return order.clamp(min=0), (order != ZERO).to(conv.weight.dtype)
+
+
 @torch.no_grad()
-def _read_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
-    """Make ``conv`` read an input whose position p holds logical channel ``order[p]``."""
-    if conv.groups == 1:
-        conv.weight.copy_(conv.weight[:, order])
-    else:  # depthwise: channel p of the output is channel p of the input, so outputs move along
+def _read_in_order(conv: nn.Conv2d, order: ChannelOrder) -> None:
+    """Make ``conv`` read an input whose position p holds logical channel ``order[p]`` (``ZERO``: zeros)."""
+    if conv.groups > 1:  # depthwise: channel p of the output is channel p of the input, so outputs move along
         _write_in_order(conv, order)
+        return
+    index, keep = _pick(conv, order)
+    conv.weight = nn.Parameter(conv.weight[:, index] * keep.view(1, -1, 1, 1))
+    conv.in_channels = len(index)
 
 
 @torch.no_grad()
-def _write_in_order(conv: nn.Conv2d, order: torch.Tensor) -> None:
-    """Make ``conv`` write logical output channel ``order[p]`` at position p."""
-    conv.weight.copy_(conv.weight[order])
+def _write_in_order(conv: nn.Conv2d, order: ChannelOrder) -> None:
+    """Make ``conv`` write logical output channel ``order[p]`` at position p (``ZERO``: a channel of zeros,
+    which stays zero through the ReLU after it); a depthwise convolution takes its inputs along."""
+    index, keep = _pick(conv, order)
+    conv.weight = nn.Parameter(conv.weight[index] * keep.view(-1, 1, 1, 1))
     if conv.bias is not None:
-        conv.bias.copy_(conv.bias[order])
+        conv.bias = nn.Parameter(conv.bias[index] * keep)
+    conv.out_channels = len(index)
+    if conv.groups > 1:
+        conv.in_channels = conv.groups = len(index)
 
 
 Halves = tuple[torch.Tensor, ...]  # the activation between fused blocks: its "evens first" storage, cut in two

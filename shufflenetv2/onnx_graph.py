@@ -24,10 +24,9 @@ import copy
 import torch
 from torch import nn
 
-from .deploy import _convs, fold_all_batchnorms, fuse, is_foldable
+from .deploy import ZERO, _convs, _read_in_order, _write_in_order, fold_all_batchnorms, fuse, is_foldable
 from .model import MindCVBlock, ShuffleNetV2
 
-ZERO = -1  # in an index list: a channel of zeros (padding), read with zero weights
 ONNX_CHANNEL_MULTIPLE = 4  # what ORT's blocked-layout (NCHWc) convolutions need; see ``fuse_for_onnx``
 ONNX_STEM_MULTIPLE = 16  # ORT's widest block (AVX-512), for its blocked max-pool; see ``fuse_for_onnx``
 
@@ -68,35 +67,13 @@ def _padded(channels: int, multiple: int) -> list[int]:
     return [*range(channels), *[ZERO] * _shortfall(channels, multiple)]
 
 
-@torch.no_grad()
-def _take_outputs(conv: nn.Conv2d, index: list[int]) -> None:
-    """``conv`` writes its output channels ``index`` in that order (``ZERO``: a channel of zeros); a
-    depthwise convolution takes its input channels along."""
-    pick = torch.tensor(index, device=conv.weight.device)
-    keep = (pick != ZERO).to(conv.weight.dtype).reshape(-1, 1, 1, 1)
-    conv.weight = nn.Parameter(conv.weight[pick.clamp(min=0)] * keep)
-    conv.bias = nn.Parameter(conv.bias[pick.clamp(min=0)] * keep.flatten())
-    conv.out_channels = len(index)
-    if conv.groups > 1:
-        conv.in_channels = conv.groups = len(index)
-
-
-@torch.no_grad()
-def _take_inputs(conv: nn.Conv2d, index: list[int]) -> None:
-    """``conv`` (not depthwise) reads an input whose channel p is its logical channel ``index[p]``."""
-    pick = torch.tensor(index, device=conv.weight.device)
-    keep = (pick != ZERO).to(conv.weight.dtype).reshape(1, -1, 1, 1)
-    conv.weight = nn.Parameter(conv.weight[:, pick.clamp(min=0)] * keep)
-    conv.in_channels = len(index)
-
-
 def _pad_branch(branch: nn.Sequential, multiple: int) -> None:
     """Round a main branch's inner width (its first 1x1 and its depthwise convolution) up to ``multiple``."""
     pw1, dw, pw2 = _convs(branch)
     inner = _padded(pw1.out_channels, multiple)
-    _take_outputs(pw1, inner)
-    _take_outputs(dw, inner)
-    _take_inputs(pw2, inner)
+    _write_in_order(pw1, inner)
+    _write_in_order(dw, inner)
+    _read_in_order(pw2, inner)
 
 
 def _reader(q: int, block: int, blocks: int) -> tuple[int, int]:
@@ -118,9 +95,9 @@ class RoutedStage(nn.Module):
         down, *rest = blocks
         count = len(rest)
         proj_dw, proj_pw = _convs(down.branch_proj)
-        _take_outputs(proj_dw, input_order)  # depthwise: channel p out is channel p in
-        _take_inputs(proj_pw, input_order)
-        _take_inputs(_convs(down.branch_main)[0], input_order)
+        _read_in_order(proj_dw, input_order)
+        _read_in_order(proj_pw, input_order)  # its input is the depthwise output, in the same order
+        _read_in_order(_convs(down.branch_main)[0], input_order)
         self.proj, self.mains = down.branch_proj, nn.ModuleList([down.branch_main, *(b.branch_main for b in rest)])
         proj_width = proj_pw.out_channels  # the stride-2 block's output: its projection, then its main branch
         width = proj_width + _convs(down.branch_main)[-1].out_channels
@@ -136,7 +113,7 @@ class RoutedStage(nn.Module):
             if pad:  # zero channels that round the reader's input up to ``multiple``
                 by_reader.setdefault(pad_reader, []).extend([(ZERO, ZERO)] * pad)
             order = sorted(by_reader)
-            _take_outputs(conv, [channel for reader in order for channel, _ in by_reader[reader]])
+            _write_in_order(conv, [channel for reader in order for channel, _ in by_reader[reader]])
             piece = sum(len(sizes) for sizes in self.piece_sizes)
             for number, reader in enumerate(order, piece):
                 groups[reader].append((number, [position for _, position in by_reader[reader]]))
@@ -151,7 +128,7 @@ class RoutedStage(nn.Module):
         self.reads: list[list[int]] = []  # the pieces each stride-1 branch reads, in order
         for reader, main in enumerate(self.mains[1:], 1):
             self.reads.append([number for number, _ in groups[reader]])
-            _take_inputs(_convs(main)[0], [p for _, positions in groups[reader] for p in positions])
+            _read_in_order(_convs(main)[0], [p for _, positions in groups[reader] for p in positions])
         self.ends = [number for number, _ in groups[count + 1]]
         self.output_order = [p for _, positions in groups[count + 1] for p in positions]
 
@@ -179,7 +156,7 @@ class RoutedShuffleNetV2(nn.Module):
         self.first_conv, self.max_pool = model.first_conv, model.max_pool
         stem = _convs(self.first_conv)[0]
         order = _padded(stem.out_channels, stem_multiple)
-        _take_outputs(stem, order)
+        _write_in_order(stem, order)
         stages: list[list[MindCVBlock]] = []
         for block in model.features:
             if block.stride == 2:
@@ -190,7 +167,7 @@ class RoutedShuffleNetV2(nn.Module):
             self.stages.append(RoutedStage(blocks, order, multiple))
             order = self.stages[-1].output_order
         self.conv_last = model.conv_last
-        _take_inputs(_convs(self.conv_last)[0], order)
+        _read_in_order(_convs(self.conv_last)[0], order)
         self.classifier = model.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
