@@ -209,23 +209,23 @@ class OpenVINOProcess:
 
     def _answer(self) -> object:
         while not self._conn.poll(0.5):  # a child that died without a word is an error, not a wait
-            if not self._process.is_alive():
-                break
+            if not self._process.is_alive() and not self._conn.poll():
+                raise self._ended()
         try:
-            if not self._conn.poll():
-                raise EOFError
             status, value = self._conn.recv()
         except EOFError:
-            self._process.join(5)
-            code = self._process.exitcode
-            raise RuntimeError(
-                f"the OpenVINO process ended without answering (exit code {code}); if it ran from a script of "
-                "yours, guard the script's top level with `if __name__ == '__main__':`, which the spawned child "
-                "otherwise runs again"
-            ) from None
+            raise self._ended() from None
         if status == "error":
             raise RuntimeError(f"OpenVINO could not run the model: {value}")
         return value
+
+    def _ended(self) -> RuntimeError:
+        self._process.join(5)
+        return RuntimeError(
+            f"the OpenVINO process ended without answering (exit code {self._process.exitcode}); if it ran from "
+            "a script of yours, guard the script's top level with `if __name__ == '__main__':`, which the spawned "
+            "child otherwise runs again"
+        )
 
 
 def _stop_child(conn: Connection, process: object) -> None:

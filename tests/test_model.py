@@ -176,8 +176,6 @@ def test_blocks_train_compiled_under_bfloat16_autocast() -> None:
     eager autocast does (outputs, gradients, BatchNorm running statistics).  bf16 alone moves these by up to
     a fifth of their scale, and gradients that are zero in exact arithmetic (a bias just before a BatchNorm)
     entirely, so the bar is eager bf16's own distance from float32."""
-    import torch._dynamo
-
     torch.manual_seed(0)
     template = nn.Sequential(MindCVBlock(24, 48, 2), MindCVBlock(24, 48, 1)).to(memory_format=torch.channels_last)
     x = torch.randn(4, 24, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -192,7 +190,6 @@ def test_blocks_train_compiled_under_bfloat16_autocast() -> None:
         (out.float() * weights).sum().backward()
         return [out.float(), inputs.grad, *(p.grad for p in blocks.parameters()), *blocks.buffers()]
 
-    torch._dynamo.reset()
     exact, eager, compiled = train_step(False, False), train_step(False, True), train_step(True, True)
     assert len(exact) == 2 + 24 + 24  # 8 convolutions, 8 BatchNorms (weight, bias; mean, variance, count)
     for reference, e, c in zip(exact, eager, compiled, strict=True):
