@@ -8,7 +8,9 @@ GPU that part leaves the CPU).  A DataLoader with N workers scales these figures
 Rows (train: RandomResizedCrop(224) + flip + ColorJitter(0.4) + normalise; eval: resize 256, crop 224):
 ``torchvision-classic`` is torchvision's ImageFolder with PIL transforms, as in its references;
 ``ours-per-image`` is this package's ``data_pipeline classic`` (transforms v2 on uint8 tensors);
-``ours-fast`` is ``data_pipeline fast`` (the default), its batch step on this CPU included;
+``ours-fast`` is ``data_pipeline fast`` (the default), its batch step on this CPU included (compiled by
+numba when the fast-cpu extra is installed, ``batch_kernel``);
+``ours-fast-torch-step`` is ``ours-fast`` with that batch step in torch's ops, as it runs without numba;
 ``ours-fast-whole-decode`` (train only) is ``ours-fast`` decoding whole JPEGs instead of the crop box alone,
 which is what it does without libjpeg-turbo 3 (``jpeg_region``): the same pixels, slower;
 ``ours-fast-workers`` is the same without the batch step: the CPU's share when that step runs on a GPU;
@@ -35,6 +37,7 @@ DATA_BACKENDS = (
     "torchvision-classic",
     "ours-per-image",
     "ours-fast",
+    "ours-fast-torch-step",
     "ours-fast-whole-decode",
     "ours-fast-workers",
     "ours-device-decode-workers",
@@ -73,8 +76,9 @@ def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.
     folder = build_dataset(cfg, root.name, train=train)
     if backend == "ours-fast-whole-decode":
         folder.transform.decode_region = False
-    with_batch_step = backend in ("ours-fast", "ours-fast-whole-decode")
-    return SeededDataset(folder), (build_batch_transform(cfg, train) if with_batch_step else None)
+    with_batch_step = backend in ("ours-fast", "ours-fast-torch-step", "ours-fast-whole-decode")
+    step = build_batch_transform(cfg, train, compiled=backend != "ours-fast-torch-step")
+    return SeededDataset(folder), (step if with_batch_step else None)
 
 
 def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:

@@ -197,11 +197,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if "data" in args.suites:
         from .bench_data import benchmark_pipelines
         from .jpeg_region import library_path
+        from .pipeline import compiled_batch_step
 
         root = Path(args.data)
         rows = benchmark_pipelines(root / "train", root / "val", args.data_backends, repeats=args.repeats)
         results["data_rows"] = [dataclasses.asdict(r) for r in rows]
         results["jpeg_region_library"] = library_path()  # None: workers decoded whole JPEGs
+        results["batch_step"] = "numba" if compiled_batch_step() else "torch ops (numba not installed)"
     results["host_memory"] = "glibc malloc keeps freed memory (host_memory)" if reuse else "malloc as configured"
     results.setdefault("machine", machine_record())  # every suite's file says where it ran
     if args.json:

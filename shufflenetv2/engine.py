@@ -381,7 +381,7 @@ class Trainer:
             f"{cfg.model}: {data_mod.describe_dataset(self.train_set)}; {self.batches_per_epoch} batches/epoch of "
             f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {ctx.device}; "
             f"{self.precision.describe()}; mode {cfg.mode} ({'torch.compile' if cfg.mode == 0 else 'eager'}); "
-            f"input: {pipeline.describe_input(cfg, self.train_set)}"
+            f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
         )
         last_eval = None
         run_start = time.perf_counter()

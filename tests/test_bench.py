@@ -14,6 +14,7 @@ from shufflenetv2 import jpeg_region
 from shufflenetv2.bench_data import DATA_BACKENDS, TRAIN_ONLY
 from shufflenetv2.bench_train import batches, loss_trajectory, prepare, step_function, twin_networks
 from shufflenetv2.cli import main
+from shufflenetv2.pipeline import compiled_batch_step
 
 
 @pytest.mark.parametrize("backend", ["ours-eager", "ours-channels-last"])
@@ -56,6 +57,7 @@ def test_bench_train_and_data_suites(tmp_path: Path) -> None:
     rows = [(r["split"], r["backend"]) for r in results["data_rows"]]
     assert rows == [(s, b) for s in ("train", "eval") for b in DATA_BACKENDS if s == "train" or b not in TRAIN_ONLY]
     assert results["jpeg_region_library"] == jpeg_region.library_path()  # which decoder the fast rows used
+    assert results["batch_step"] == ("numba" if compiled_batch_step() else "torch ops (numba not installed)")
     assert all(r["images_per_second"] > 0 for r in results["data_rows"])
     # the machine is recorded without the inference suite too, down to the kernels torch dispatched to
     assert results["machine"]["cpu"].endswith(f"torch kernels {torch.backends.cpu.get_cpu_capability()}")

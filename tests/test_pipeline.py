@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -26,8 +27,24 @@ from shufflenetv2.pipeline import (
     BatchTransform,
     EvalSampleTransform,
     TrainSampleTransform,
+    compiled_batch_step,
+    describe_input,
+    identity_params,
     params_vector,
     reduction_for,
+)
+
+# the batch step both ways on the CPU: torch's ops, and numba's compiled loop (the fast-cpu extra)
+BOTH_STEPS = pytest.mark.parametrize(
+    "compiled",
+    [
+        pytest.param(False, id="torch-step"),
+        pytest.param(
+            True,
+            id="compiled-step",
+            marks=pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)"),
+        ),
+    ],
 )
 
 
@@ -51,10 +68,10 @@ def write_jpeg(path: Path, h: int, w: int, seed: int = 0) -> Path:
     return path
 
 
-def fast_train(cfg: Config, image: torch.Tensor, seed: int) -> torch.Tensor:
+def fast_train(cfg: Config, image: torch.Tensor, seed: int, compiled: bool = True) -> torch.Tensor:
     torch.manual_seed(seed)
     sample = TrainSampleTransform(cfg)(image)
-    return BatchTransform(cfg, train=True)(sample.pixels[None], sample.params[None])[0]
+    return BatchTransform(cfg, train=True, compiled=compiled)(sample.pixels[None], sample.params[None])[0]
 
 
 def classic_train(cfg: Config, image: torch.Tensor, seed: int) -> torch.Tensor:
@@ -77,25 +94,27 @@ EXTREME_PARAMS = [
 ]
 
 
+@BOTH_STEPS
 @pytest.mark.parametrize("re_prob", [0.0, 1.0])
-def test_same_crops_flips_and_erasing_as_the_per_image_pipeline(re_prob: float) -> None:
+def test_same_crops_flips_and_erasing_as_the_per_image_pipeline(re_prob: float, compiled: bool) -> None:
     """Without jitter both pipelines compute the same floats, bit for bit (so the same training run):
     torchvision's samplers are drawn in the same order and the normalisation is the same arithmetic."""
     cfg = cfg_for(color_jitter=None, hflip=0.5, vflip=0.5, re_prob=re_prob)
     erased = 0
     for seed in range(24):
-        fast, classic = fast_train(cfg, IMAGE, seed), classic_train(cfg, IMAGE, seed)
+        fast, classic = fast_train(cfg, IMAGE, seed, compiled), classic_train(cfg, IMAGE, seed)
         assert fast.shape == classic.shape == (3, 24, 24)
         assert torch.equal(fast, classic), seed
         erased += int((classic == 0).all(0).any())
     assert re_prob == 0 or erased > 12  # the erasing boxes were really compared
 
 
-def test_jitter_is_torchvisions_float_kernels_in_each_images_order() -> None:
+@BOTH_STEPS
+def test_jitter_is_torchvisions_float_kernels_in_each_images_order(compiled: bool) -> None:
     """The batched blends against torchvision's kernels, with the drawn factors and with factors at both
     ends of the range on saturated pixels, where the clamps matter."""
     cfg = cfg_for(hflip=0.0)
-    transform, batch = TrainSampleTransform(cfg), BatchTransform(cfg, train=True, chunk=3)
+    transform, batch = TrainSampleTransform(cfg), BatchTransform(cfg, train=True, chunk=3, compiled=compiled)
     torch.manual_seed(0)
     samples = [transform(IMAGE) for _ in range(16)]
     pixels = torch.stack([s.pixels for s in samples] + [SATURATED] * len(EXTREME_PARAMS))
@@ -110,7 +129,8 @@ def test_jitter_is_torchvisions_float_kernels_in_each_images_order() -> None:
         assert (out[k] - (x - mean) / std).abs().max() < 1e-5, k
     # the per-image pipeline jitters uint8 (rounding after every op): the same image within three levels
     for seed in range(8):
-        assert (fast_train(cfg, IMAGE, seed) - classic_train(cfg, IMAGE, seed)).abs().max() < 3.5 / 255 / 0.224
+        difference = fast_train(cfg, IMAGE, seed, compiled) - classic_train(cfg, IMAGE, seed)
+        assert difference.abs().max() < 3.5 / 255 / 0.224
 
 
 def mindspore_crop_draws(
@@ -202,7 +222,8 @@ def test_fast_dct_moves_training_pixels_slightly_and_evaluation_not_at_all(tmp_p
     assert torch.equal(*evaluated)
 
 
-def test_workers_hand_over_hwc_rows_and_batches_are_channels_last(tmp_path: Path) -> None:
+@BOTH_STEPS
+def test_workers_hand_over_hwc_rows_and_batches_are_channels_last(tmp_path: Path, compiled: bool) -> None:
     """No worker copy reorders pixels: the samples stay in the resize's HWC order, collated they are a
     channels_last batch, and the batch step's output equals that of a contiguous batch."""
     cfg = cfg_for(image_resize=32)
@@ -212,8 +233,61 @@ def test_workers_hand_over_hwc_rows_and_batches_are_channels_last(tmp_path: Path
     pixels, params = samples[0].collate_batch(samples)
     assert pixels.shape == (4, 3, 32, 32) and pixels.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(pixels, torch.stack([s.pixels for s in samples]))
-    finish = BatchTransform(cfg, train=True)
+    finish = BatchTransform(cfg, train=True, compiled=compiled)
     assert torch.equal(finish(pixels, params), finish(pixels.contiguous(), params))
+
+
+@pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)")
+@pytest.mark.parametrize("shape", [(6, 24, 24), (3, 17, 29)])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("jitter", [0.4, None])
+def test_compiled_batch_step_equals_torchs_ops(shape: tuple[int, int, int], channels_last: bool, jitter) -> None:
+    """numba's loop against torch's ops on the same batches, whatever the layouts in and out: equal bit
+    for bit without jitter, within a few float32 ulps with it (its contrast mean is summed in float64)."""
+    count, height, width = shape
+    cfg = cfg_for(color_jitter=jitter, channels_last=channels_last, re_prob=1.0)
+    generator = torch.Generator().manual_seed(count)
+    pixels = torch.randint(0, 256, (count, height, width, 3), dtype=torch.uint8, generator=generator)
+    pixels[0, : height // 2] = 255  # saturated rows, where the clamps act
+    pixels[-1, height // 2 :] = 0
+    rows = []
+    for k in range(count):
+        factors = [0.6, 1.4, 1.0] if k == 0 else (0.6 + 0.8 * torch.rand(3, generator=generator)).tolist()
+        order = torch.randperm(3, generator=generator).tolist()
+        erase = [k % height, k % width, height // 3, width // 4] if k % 2 else [0, 0, 0, 0]
+        rows.append(params_vector(factors, order, erase))
+    params = torch.stack(rows)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for images in (pixels.permute(0, 3, 1, 2), pixels.permute(0, 3, 1, 2).contiguous()):
+        compiled = BatchTransform(cfg, train=True)(images, params)
+        reference = BatchTransform(cfg, train=True, compiled=False)(images, params)
+        assert compiled.dtype == torch.float32 and compiled.is_contiguous(memory_format=memory_format)
+        if jitter is None:
+            assert torch.equal(compiled, reference)
+        else:
+            assert (compiled - reference).abs().max() < 4e-6  # 1.2e-6 seen: 5 ulps of the largest values
+            assert not torch.equal(compiled, BatchTransform(cfg_for(color_jitter=None), train=True)(images, params))
+
+
+def test_without_numba_the_batch_step_runs_torchs_ops_and_the_log_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, cpu = cfg_for(), torch.device("cpu")
+    images = torch.from_numpy(photo(24, 24)).permute(2, 0, 1)[None]
+    params = identity_params()[None]
+    if compiled_batch_step() is not None:
+        assert describe_input(cfg, None, cpu).endswith("; batch step compiled (numba)")
+    assert "batch step" not in describe_input(cfg, None, torch.device("cuda"))  # there it runs on the GPU
+    assert "batch step" not in describe_input(cfg)
+    # numba made unimportable (None in sys.modules), and the kernel module imported afresh
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "shufflenetv2.batch_kernel", raising=False)
+    compiled_batch_step.cache_clear()
+    try:
+        assert compiled_batch_step() is None
+        assert describe_input(cfg, None, cpu).endswith("; batch step in torch ops (compiled with the fast-cpu extra)")
+        step = BatchTransform(cfg, train=True)  # compiled asked for, torch's ops run
+        assert torch.equal(step(images, params), BatchTransform(cfg, train=True, compiled=False)(images, params))
+    finally:
+        compiled_batch_step.cache_clear()
 
 
 def test_reduction_never_enlarges() -> None:
@@ -223,9 +297,10 @@ def test_reduction_never_enlarges() -> None:
     assert reduction_for(900, 2000, 224) == 4
 
 
-def test_eval_pixels_equal_the_per_image_pipeline(tmp_path: Path) -> None:
+@BOTH_STEPS
+def test_eval_pixels_equal_the_per_image_pipeline(tmp_path: Path, compiled: bool) -> None:
     cfg = cfg_for(image_resize=32, crop_pct=0.875)
-    batch = BatchTransform(cfg, train=False)
+    batch = BatchTransform(cfg, train=False, compiled=compiled)
     for k, (h, w) in enumerate([(75, 100), (100, 61), (37, 37)]):
         path = write_jpeg(tmp_path / f"{k}.jpg", h, w, seed=k)
         sample = EvalSampleTransform(cfg).from_file(path)
@@ -258,11 +333,12 @@ def test_loader_yields_uint8_and_parameters(tmp_path: Path) -> None:
     images, labels, unreadable, params = next(iter(loader))
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 24, 24) and params.shape == (4, 10)
     assert unreadable == () and labels.dtype == torch.int64
-    chunked = BatchTransform(cfg, train=True, chunk=1)(images, params)
-    whole = BatchTransform(cfg, train=True, chunk=64)(images, params)
+    # torch's ops (the compiled step is compared with them in test_compiled_batch_step_equals_torchs_ops)
+    chunked = BatchTransform(cfg, train=True, chunk=1, compiled=False)(images, params)
+    whole = BatchTransform(cfg, train=True, chunk=64, compiled=False)(images, params)
     assert chunked.dtype == torch.float32 and torch.equal(chunked, whole)
     # a GPU erases with a mask (no boxes read on the host), a CPU with a slice per image: the same floats
-    finish = BatchTransform(cfg, train=True)
+    finish = BatchTransform(cfg, train=True, compiled=False)
     assert torch.equal(finish._erase_with_mask(finish._colour(images, params), params), whole)
     assert (params[:, ERASE][:, 3] >= 0).all() and (params[:, ERASE][:, 3] > 0).any()  # some boxes were erased
 
