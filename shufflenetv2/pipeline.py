@@ -352,8 +352,9 @@ class BatchTransform(torch.nn.Module):
         if images.device.type != "cpu":
             x = self._colour(images, params)
             return (self._erase_with_mask(x, params) if self.erase else x).contiguous(memory_format=self.memory_format)
-        kernel = compiled_batch_step() if self.compiled and images.dtype == torch.uint8 else None
-        if kernel is not None and images.shape[1] == 3:
+        takes_kernel = self.compiled and images.dtype == torch.uint8 and images.shape[1] == 3
+        kernel = compiled_batch_step() if takes_kernel else None
+        if kernel is not None:
             out = kernel.colour_batch(images, params, self.mean, self.std, self.jitter, self.memory_format)
         else:
             out = torch.empty(images.shape, dtype=torch.float32, memory_format=self.memory_format)
