@@ -36,7 +36,7 @@ def _compiled(fastmath: bool | set[str] = False):  # a decorator
     def compile_(function):
         try:
             return numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=fastmath)(function)
-        except RuntimeError:  # no writable place for numba's cache: compile in each process instead
+        except RuntimeError:  # numba finds no place to cache code without a source file: compile per process
             return numba.njit(nogil=True, boundscheck=False, fastmath=fastmath)(function)
 
     return compile_

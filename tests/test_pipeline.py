@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -288,6 +289,22 @@ def test_without_numba_the_batch_step_runs_torchs_ops_and_the_log_says_so(monkey
         assert torch.equal(step(images, params), BatchTransform(cfg, train=True, compiled=False)(images, params))
     finally:
         compiled_batch_step.cache_clear()
+
+
+@pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)")
+def test_the_kernel_compiles_where_numba_cannot_cache_it() -> None:
+    """numba refuses to cache code without a source file (a frozen application, an exec'd module); the
+    kernel then compiles in each process instead of failing the import."""
+    source = Path(compiled_batch_step().__file__).read_text()
+    module = types.ModuleType("shufflenetv2.batch_kernel_without_file")
+    module.__package__ = "shufflenetv2"
+    exec(compile(source, "<batch_kernel without a file>", "exec"), module.__dict__)
+    assert type(module._colour._cache).__name__ == "NullCache"  # numba's "no cache"
+    images = torch.from_numpy(photo(20, 12)).permute(2, 0, 1)[None]
+    params = params_vector((0.7, 1.3, 0.9), (2, 0, 1), IDENTITY[2])[None]
+    step = BatchTransform(cfg_for(), train=True)
+    args = (images, params, step.mean, step.std, True, torch.channels_last)
+    assert torch.equal(module.colour_batch(*args), compiled_batch_step().colour_batch(*args))
 
 
 def test_reduction_never_enlarges() -> None:
