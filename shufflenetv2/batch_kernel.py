@@ -1,4 +1,4 @@
-"""The fast pipeline's batch step on a CPU, compiled by numba: 0.16 instead of 0.63 ms per 224-px image.
+"""The fast pipeline's batch step on a CPU, compiled by numba: 3.6x faster than torch's ops on one core.
 
 ``pipeline.BatchTransform`` in torch ops makes about sixteen memory passes over each float image
 (convert and reorder, three blends with their grey levels and clamps, normalise, reorder back), a

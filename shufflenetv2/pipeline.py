@@ -21,8 +21,8 @@ its CPU time after decoding, on per-image float work.  Here a worker does only w
 ``BatchTransform`` then applies the colour jitter (each image's three operations in its own random
 order, clamped after each as torchvision's float kernels do), the normalisation and the erasing to
 the whole uint8 batch wherever the batch lives: on the GPU it costs nothing measurable, on a CPU it
-runs as one numba-compiled loop per image (``batch_kernel``: 0.16 ms per 224-px image, where torch's
-ops take 0.63) and erases with one slice per image.  The eval transform (resize, centre crop) is
+runs as one numba-compiled loop per image (``batch_kernel``: 0.19 ms per 224-px image, where torch's
+ops take 0.67) and erases with one slice per image.  The eval transform (resize, centre crop) is
 deterministic and decodes at full scale (with libjpeg-turbo 3 only the part the crop reads), so its
 pixels are those of the per-image pipeline.
 """
