@@ -82,14 +82,18 @@ def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.
 
 
 def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:
-    """Load ``count`` images in batches, as a training step would receive them; our datasets go through
-    the loader's per-sample seeding (``SeededDataset``), which is part of their cost."""
+    """Load ``count`` images in batches, as a training step would receive them and as the DataLoader
+    fetches them: our datasets a batch at a time through the loader's per-sample seeding
+    (``SeededDataset.__getitems__``, part of their cost), torchvision's ImageFolder one sample at a time."""
     seeded = isinstance(dataset, SeededDataset)
 
     def run() -> None:
         for start in range(0, count, batch):
             indices = [i % len(dataset) for i in range(start, min(start + batch, count))]
-            samples = [dataset[(i, 1000 + i) if seeded else i] for i in indices]
+            if seeded:
+                samples = dataset.__getitems__([(i, 1000 + i) for i in indices])
+            else:
+                samples = [dataset[i] for i in indices]
             images = collate_train(samples)  # what the loader's workers do
             if finish is not None:
                 finish(images.images, images.params)

@@ -17,6 +17,7 @@ how it is tested; it is no faster there.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -87,16 +88,22 @@ class _Encoded:
 class EncodedTrainTransform(_Encoded, TrainSampleTransform):
     """The worker half for training: the draws of ``TrainSampleTransform``, no decoding."""
 
-    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> EncodedImage:  # type: ignore[override]
+    def _plan_jpeg(  # type: ignore[override]
+        self, raw: bytes, path: str | os.PathLike[str], height: int, width: int
+    ) -> Callable[[], EncodedImage]:
         box, hflip, vflip, params = self._draw(height, width)
-        return _encoded(raw, [*box, hflip, vflip], params, path)
+        encoded = _encoded(raw, [*box, hflip, vflip], params, path)
+        return lambda: encoded
 
 
 class EncodedEvalTransform(_Encoded, EvalSampleTransform):
     """The worker half for evaluation: the whole image is decoded, resized and centre-cropped on the device."""
 
-    def _from_jpeg(self, raw: bytes, path: str | os.PathLike[str], height: int, width: int) -> EncodedImage:  # type: ignore[override]
-        return _encoded(raw, [0, 0, height, width, 0, 0], self.identity, path)
+    def _plan_jpeg(  # type: ignore[override]
+        self, raw: bytes, path: str | os.PathLike[str], height: int, width: int
+    ) -> Callable[[], EncodedImage]:
+        encoded = _encoded(raw, [0, 0, height, width, 0, 0], self.identity, path)
+        return lambda: encoded
 
 
 class DeviceDecoder:

@@ -7,6 +7,7 @@ import math
 import sys
 import types
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from shufflenetv2.config import Config, ConfigError, validate
-from shufflenetv2.data import build_dataset, build_loader, build_transform, load_image
+from shufflenetv2.data import (
+    SeededDataset,
+    SubsetDataset,
+    Unreadable,
+    build_dataset,
+    build_loader,
+    build_transform,
+    load_image,
+)
 from shufflenetv2.errors import DataError
 from shufflenetv2.pipeline import (
     BRIGHTNESS,
@@ -25,6 +34,7 @@ from shufflenetv2.pipeline import (
     IDENTITY,
     ORDER,
     SATURATION,
+    AugmentedImage,
     BatchTransform,
     EvalSampleTransform,
     TrainSampleTransform,
@@ -305,6 +315,75 @@ def test_the_kernel_compiles_where_numba_cannot_cache_it() -> None:
     step = BatchTransform(cfg_for(), train=True)
     args = (images, params, step.mean, step.std, True, torch.channels_last)
     assert torch.equal(module.colour_batch(*args), compiled_batch_step().colour_batch(*args))
+
+
+def same_sample(a: object, b: object) -> bool:
+    if isinstance(a, Unreadable) or isinstance(b, Unreadable):
+        return a == b
+    (x, label_x), (y, label_y) = a, b
+    return label_x == label_y and torch.equal(x.pixels, y.pixels) and torch.equal(x.params, y.params)
+
+
+def one_pass(dataset: object, key: tuple[int, int]) -> object:
+    """A sample the way the loader made it before the two passes: all of it under its seed."""
+    index, seed = key
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return dataset[index]
+        except DataError as exc:
+            return Unreadable(str(exc))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_batch_fetched_in_two_passes_equals_its_samples_fetched_one_by_one(tmp_path: Path, train: bool) -> None:
+    """``SeededDataset.__getitems__`` plans every sample (reading, draws under its seed) before decoding
+    any; the samples, and the unreadable ones with their reasons, must be those of one sample at a time."""
+    for i in range(6):
+        write_jpeg(tmp_path / "train" / f"c{i % 2}" / f"{i}.jpg", 40 + 7 * i, 60 - 3 * i, seed=i)
+    Image.fromarray(photo(30, 50)).save(tmp_path / "train" / "c0" / "png.png")
+    broken = tmp_path / "train" / "c1" / "cut.jpg"
+    broken.write_bytes(write_jpeg(tmp_path / "whole.jpg", 60, 80).read_bytes()[:700])
+    cfg = cfg_for(data_dir=str(tmp_path), re_prob=0.5, hflip=0.5)
+    folder = build_dataset(cfg, "train", train=train)
+    for dataset in (folder, SubsetDataset(folder, [7, 1, 5, 0, 3])):
+        seeded = SeededDataset(dataset)
+        keys = [(i, 100 + i) for i in range(len(dataset))] * 2  # each file twice: the same sample both times
+        batch = seeded.__getitems__(keys)
+        assert all(same_sample(a, b) for a, b in zip(batch, [one_pass(dataset, key) for key in keys], strict=True))
+        assert all(same_sample(a, b) for a, b in zip(batch, [seeded[key] for key in keys], strict=True))
+        assert sum(isinstance(sample, Unreadable) for sample in batch) == 2  # cut.jpg, twice
+        assert any("cut.jpg" in sample.reason for sample in batch if isinstance(sample, Unreadable))
+        half = len(dataset)
+        assert all(same_sample(a, b) for a, b in zip(batch[:half], batch[half:], strict=True))
+
+
+class RecordingTransform:
+    """A fast-pipeline-shaped transform that records when each file is planned and when it is decoded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def plan(self, path: str) -> Callable[[], AugmentedImage]:
+        self.calls.append(("plan", Path(path).name))
+
+        def rest() -> AugmentedImage:
+            self.calls.append(("decode", Path(path).name))
+            return AugmentedImage(torch.zeros(3, 4, 4, dtype=torch.uint8), identity_params())
+
+        return rest
+
+
+def test_the_loader_fetches_whole_batches_in_two_passes(tmp_path: Path) -> None:
+    for i in range(6):
+        write_jpeg(tmp_path / "train" / "c0" / f"{i}.jpg", 20, 20, seed=i)
+    cfg = cfg_for(data_dir=str(tmp_path), batch_size=3, shuffle=False)
+    folder = build_dataset(cfg, "train", train=True)
+    folder.transform = recorder = RecordingTransform()
+    batches = list(build_loader(cfg, folder, train=True))
+    assert len(batches) == 2 and batches[0].images.shape == (3, 3, 4, 4)
+    steps = [step for step, _ in recorder.calls]
+    assert steps == ["plan"] * 3 + ["decode"] * 3 + ["plan"] * 3 + ["decode"] * 3
 
 
 def test_reduction_never_enlarges() -> None:
