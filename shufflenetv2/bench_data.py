@@ -11,6 +11,8 @@ Rows (train: RandomResizedCrop(224) + flip + ColorJitter(0.4) + normalise; eval:
 ``ours-fast`` is ``data_pipeline fast`` (the default), its batch step on this CPU included (compiled by
 numba when the fast-cpu extra is installed, ``batch_kernel``);
 ``ours-fast-torch-step`` is ``ours-fast`` with that batch step in torch's ops, as it runs without numba;
+``ours-fast-one-pass`` is ``ours-fast`` fetching one sample at a time, each read, drawn, decoded and
+resized before the next, where the loader fetches a batch in two passes (``SeededDataset.__getitems__``);
 ``ours-fast-whole-decode`` (train only) is ``ours-fast`` decoding whole JPEGs instead of the crop box alone,
 which is what it does without libjpeg-turbo 3 (``jpeg_region``): the same pixels, slower;
 ``ours-fast-workers`` is the same without the batch step: the CPU's share when that step runs on a GPU;
@@ -38,6 +40,7 @@ DATA_BACKENDS = (
     "ours-per-image",
     "ours-fast",
     "ours-fast-torch-step",
+    "ours-fast-one-pass",
     "ours-fast-whole-decode",
     "ours-fast-workers",
     "ours-device-decode-workers",
@@ -76,21 +79,26 @@ def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.
     folder = build_dataset(cfg, root.name, train=train)
     if backend == "ours-fast-whole-decode":
         folder.transform.decode_region = False
-    with_batch_step = backend in ("ours-fast", "ours-fast-torch-step", "ours-fast-whole-decode")
+    with_batch_step = backend in ("ours-fast", "ours-fast-torch-step", "ours-fast-one-pass", "ours-fast-whole-decode")
     step = build_batch_transform(cfg, train, compiled=backend != "ours-fast-torch-step")
     return SeededDataset(folder), (step if with_batch_step else None)
 
 
-def epoch_runner(dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int) -> Callable:
+def epoch_runner(
+    dataset: torch.utils.data.Dataset, finish: Callable | None, count: int, batch: int, one_by_one: bool = False
+) -> Callable:
     """Load ``count`` images in batches, as a training step would receive them and as the DataLoader
     fetches them: our datasets a batch at a time through the loader's per-sample seeding
-    (``SeededDataset.__getitems__``, part of their cost), torchvision's ImageFolder one sample at a time."""
+    (``SeededDataset.__getitems__``, part of their cost; ``one_by_one`` fetches each sample alone),
+    torchvision's ImageFolder one sample at a time."""
     seeded = isinstance(dataset, SeededDataset)
 
     def run() -> None:
         for start in range(0, count, batch):
             indices = [i % len(dataset) for i in range(start, min(start + batch, count))]
-            if seeded:
+            if seeded and one_by_one:
+                samples = [dataset[(i, 1000 + i)] for i in indices]
+            elif seeded:
                 samples = dataset.__getitems__([(i, 1000 + i) for i in indices])
             else:
                 samples = [dataset[i] for i in indices]
@@ -117,7 +125,7 @@ def benchmark_pipelines(
                     run = epoch_runner(torchvision_classic(root, split == "train"), None, count, batch)
                 else:
                     dataset, finish = ours(root, split == "train", backend)
-                    run = epoch_runner(dataset, finish, count, batch)
+                    run = epoch_runner(dataset, finish, count, batch, one_by_one=backend == "ours-fast-one-pass")
                 run()  # warm-up: file cache, first-call allocations
                 runs.append(run)
             rates: list[list[float]] = [[] for _ in runs]
