@@ -79,9 +79,9 @@ def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.
     folder = build_dataset(cfg, root.name, train=train)
     if backend == "ours-fast-whole-decode":
         folder.transform.decode_region = False
-    with_batch_step = backend in ("ours-fast", "ours-fast-torch-step", "ours-fast-one-pass", "ours-fast-whole-decode")
-    step = build_batch_transform(cfg, train, compiled=backend != "ours-fast-torch-step")
-    return SeededDataset(folder), (step if with_batch_step else None)
+    if backend not in ("ours-fast", "ours-fast-torch-step", "ours-fast-one-pass", "ours-fast-whole-decode"):
+        return SeededDataset(folder), None  # no batch step: the per-image pipeline, or the CPU's share alone
+    return SeededDataset(folder), build_batch_transform(cfg, train, compiled=backend != "ours-fast-torch-step")
 
 
 def epoch_runner(
