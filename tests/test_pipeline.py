@@ -45,16 +45,13 @@ from shufflenetv2.pipeline import (
     reduction_for,
 )
 
+NEEDS_NUMBA = pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)")
 # the batch step both ways on the CPU: torch's ops, and numba's compiled loop (the fast-cpu extra)
 BOTH_STEPS = pytest.mark.parametrize(
     "compiled",
     [
         pytest.param(False, id="torch-step"),
-        pytest.param(
-            True,
-            id="compiled-step",
-            marks=pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)"),
-        ),
+        pytest.param(True, id="compiled-step", marks=NEEDS_NUMBA),
     ],
 )
 
@@ -248,7 +245,7 @@ def test_workers_hand_over_hwc_rows_and_batches_are_channels_last(tmp_path: Path
     assert torch.equal(finish(pixels, params), finish(pixels.contiguous(), params))
 
 
-@pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)")
+@NEEDS_NUMBA
 @pytest.mark.parametrize("shape", [(6, 24, 24), (3, 17, 29)])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("jitter", [0.4, None])
@@ -301,7 +298,7 @@ def test_without_numba_the_batch_step_runs_torchs_ops_and_the_log_says_so(monkey
         compiled_batch_step.cache_clear()
 
 
-@pytest.mark.skipif(compiled_batch_step() is None, reason="numba is not installed (fast-cpu extra)")
+@NEEDS_NUMBA
 def test_the_kernel_compiles_where_numba_cannot_cache_it() -> None:
     """numba refuses to cache code without a source file (a frozen application, an exec'd module); the
     kernel then compiles in each process instead of failing the import."""
