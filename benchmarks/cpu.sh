@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every CPU measurement of the performance table in one run (2 threads, float32):
+# Every CPU measurement of the performance table in one run (2 threads, float32 unless a step says otherwise):
 #   bash benchmarks/cpu.sh [OUT_DIR]        (default benchmarks/results/cpu)
 # 1. inference and training step, ours against torchvision (eager, compiled, frozen, compiled ahead of time, ONNX Runtime, OpenVINO), interleaved
 # 2. the input pipelines per core on ImageNet-sized JPEGs (../shared/data/hymenoptera.tar.gz)
+# 2b. the training step under bfloat16 autocast
 # 3. the training loop itself on those JPEGs (train.py, mode 1, one loader worker): its own img/s,
 #    data loading included, next to the bench's step figure
 # MindCV's own figures come from benchmarks/mindcv_cpu.sh (MindSpore in its own virtual environment).
@@ -26,6 +27,11 @@ fi
   --models shufflenet_v2_x0_5 shufflenet_v2_x1_0 --batches 1 32 --json "$OUT/bench.json" 2>&1 |
   grep --line-buffered -v "Warning\|warn(" | tee "$OUT/bench.log"
 
+# the training step under bfloat16 autocast (what amp_level O1-O3 give on a CPU), against the float32 rows above
+"$PY" -m shufflenetv2 bench --suites train --train-backends ours-channels-last ours-mindcv-channels-last \
+  torchvision-eager --amp bfloat16 --threads 2 --repeats 11 --json "$OUT/bench_bf16.json" 2>&1 |
+  grep --line-buffered " train " | tee "$OUT/bench_bf16.log"
+
 RUN=runs/cpu_loop
 rm -rf "$RUN"
 # no loader workers: data loading then runs in the loop's own process, one batch after another, so the
@@ -39,4 +45,4 @@ grep "img/s" "$RUN/train_rank0.log" | tee -a "$OUT/loop.log"
 "$PY" -m shufflenetv2 bench --suites train --train-backends ours-mindcv-channels-last --threads 2 --repeats 5 \
   --json "$OUT/loop_bench.json" 2>&1 | grep --line-buffered " train " | tee -a "$OUT/loop.log"
 "$PY" benchmarks/loop_check.py "$OUT/bench.json" "$RUN/train_rank0.log" "$OUT/loop_bench.json" | tee -a "$OUT/loop.log"
-echo "wrote $OUT/bench.json, $OUT/bench.log, $OUT/loop.log, $OUT/loop_bench.json"
+echo "wrote $OUT/bench.json, $OUT/bench.log, $OUT/bench_bf16.json, $OUT/bench_bf16.log, $OUT/loop.log, $OUT/loop_bench.json"

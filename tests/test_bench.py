@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shufflenetv2 import jpeg_region
+from shufflenetv2 import bench_train, jpeg_region
 from shufflenetv2.bench_data import DATA_BACKENDS, TRAIN_ONLY
-from shufflenetv2.bench_train import batches, loss_trajectory, prepare, step_function, twin_networks
+from shufflenetv2.bench_train import as_delivered, batches, loss_trajectory, prepare, step_function, twin_networks
 from shufflenetv2.cli import main
 from shufflenetv2.pipeline import compiled_batch_step
 
@@ -27,6 +28,41 @@ def test_our_training_steps_are_torchvisions_in_float64(backend: str) -> None:
     losses = loss_trajectory(step_function(net, channels_last), data)
     assert len(set(reference)) == 3  # the weights really moved between steps
     assert max(abs(a - b) / b for a, b in zip(losses, reference, strict=True)) < 1e-10
+
+
+def test_channels_last_backends_get_the_batches_as_our_pipeline_writes_them() -> None:
+    """Ours trains on channels_last batches as the fast pipeline writes them; torchvision on NCHW ones.
+    Same values either way, so the loss trajectories stay comparable."""
+    data = batches(2, 4, 32, 10)
+    assert as_delivered(data, False) is data
+    delivered = as_delivered(data, True)
+    for (images, labels), (original, original_labels) in zip(delivered, data, strict=True):
+        assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        assert torch.equal(images, original) and labels is original_labels
+
+
+def test_the_timed_steps_receive_the_delivered_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No layout conversion inside our timed step: every call of ours gets channels_last images, every call
+    of torchvision's NCHW ones."""
+    seen: dict[bool, set[bool]] = {True: set(), False: set()}
+
+    def recording(net: torch.nn.Module, channels_last: bool, **kwargs: object) -> Callable:
+        step = step_function(net, channels_last, **kwargs)
+
+        def run(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            seen[channels_last].add(
+                images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+            )
+            return step(images, labels)
+
+        return run
+
+    monkeypatch.setattr(bench_train, "step_function", recording)
+    rows = bench_train.benchmark_training(
+        ["shufflenet_v2_x0_5"], [2], ["ours-channels-last", "torchvision-eager"],
+        warmup=1, repeats=1, steps=1, image_size=32, check_steps=2,
+    )  # fmt: skip
+    assert seen == {True: {True}, False: {False}} and len(rows) == 2
 
 
 def test_first_float32_step_agrees() -> None:

@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch._dynamo.eval_frame import OptimizedModule
 
 from shufflenetv2 import read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.config import Config, ConfigError, from_dict
-from shufflenetv2.engine import Precision, Trainer, TrainingError, train, validate
+from shufflenetv2.engine import Precision, Trainer, TrainingError, compiles_training, describe_mode, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
@@ -156,6 +157,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_
 def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) -> None:
     result = train(tiny_config(tiny_data, tmp_path / "bf16", epoch_size=1, warmup_epochs=0, amp_level="O2"))
     assert result.last is not None and result.last.loss == result.last.loss  # finite, not NaN
+    log = (tmp_path / "bf16" / "train_rank0.log").read_text()
+    assert "note: amp_level O2 trains under autocast bfloat16, which on a CPU runs this network slower" in log
     with pytest.raises(ConfigError, match="float16"):
         Trainer(tiny_config(tiny_data, tmp_path / "fp16", amp_level="O3", amp_dtype="float16"))
 
@@ -258,10 +261,25 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     assert [m["epoch"] for m in m2] == [1, 2]
 
 
+def test_mode_0_on_a_cpu_trains_eager_and_compiles_evaluation(tiny_data: Path, tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, mode=0, device="cpu"))
+    assert not trainer.compiled_training and not isinstance(trainer.net, OptimizedModule)
+    assert isinstance(trainer.eval_net, OptimizedModule)
+    assert describe_mode(trainer.cfg, cpu).startswith("torch.compile for evaluation; training eager,")
+    assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0, compile_on_cpu=True), cpu)
+    assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0), torch.device("cuda"))
+    assert not compiles_training(tiny_config(tiny_data, tmp_path, mode=1, compile_on_cpu=True), torch.device("cuda"))
+    eager = Trainer(tiny_config(tiny_data, tmp_path / "eager", mode=1, device="cpu"))
+    assert not isinstance(eager.net, OptimizedModule) and not isinstance(eager.eval_net, OptimizedModule)
+
+
 @pytest.mark.slow
 def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Path) -> None:
-    result = train(tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0))
+    config = tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0, compile_on_cpu=True)
+    result = train(config)
     log = (tmp_path / "train_rank0.log").read_text()
+    assert "; mode 0 (torch.compile); " in log and "note: amp_level" not in log  # float32: no precision note
     assert "torch.compile (mode 0): first training step took" in log
     assert "first validation took" in log
     assert result.last is not None and result.last.count == 18
