@@ -78,20 +78,40 @@ def test_the_modules_run_as_they_are_where_pooling_first_is_not_exact_or_not_wor
     modules = stem_modules().float()
     x = torch.randn(2, 3, 16, 16)
     assert stem._pools_first(*modules[:2], x)
-    negative = copy.deepcopy(modules)
+    zero = copy.deepcopy(modules)
     with torch.no_grad():
-        negative[1].weight[2] = -0.5  # that channel's map decreases: max-pooling z first would be wrong
-    assert not stem._pools_first(*negative[:2], x)
+        zero[1].weight[2] = 0.0  # a constant channel: the pool's tie-breaking would pick other positions
+    assert not stem._pools_first(*zero[:2], x)
     assert not stem._pools_first(*copy.deepcopy(modules).eval()[:2], x)  # running statistics: plain modules
     assert not stem._pools_first(*modules[:2], x.half())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not stem._pools_first(*modules[:2], x)
     sync = nn.SyncBatchNorm(6)
     assert not stem._pools_first(modules[0], sync, x)
-    # the negative-weight network still computes BatchNorm -> ReLU -> pool
+    # the zero-weight network still computes BatchNorm -> ReLU -> pool
     pool = StemPool("same")
     with torch.no_grad():
-        assert torch.equal(stem_forward(copy.deepcopy(negative), pool, x), pool(copy.deepcopy(negative)(x)))
+        assert torch.equal(stem_forward(copy.deepcopy(zero), pool, x), pool(copy.deepcopy(zero)(x)))
+
+
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_negative_batchnorm_weights_pool_first_through_negated_filters(padding: str, channels_last: bool) -> None:
+    """A negative weight makes its channel's map decreasing; the fused path negates that channel's filter and
+    must still give BatchNorm -> ReLU -> pool's outputs, gradients and running statistics (float64)."""
+    modules, pool = stem_modules(), StemPool(padding)
+    with torch.no_grad():
+        modules[1].weight[[0, 3, 4]] *= -1
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 3, 33, 33, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.no_grad():
+        grad = torch.randn_like(pool(modules(x)))
+    assert stem._pools_first(*copy.deepcopy(modules)[:2], x)
+    expected, got = run(modules, pool, x, grad, fused=False), run(modules, pool, x, grad, fused=True)
+    assert (expected["out"][:, [0, 3, 4]] > 0).float().mean() > 0.2  # the negated channels really pass
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, rtol=1e-10, atol=1e-12), key
+    assert (got["weight"][[0, 3, 4]] != 0).all() and (got["conv"][[0, 3, 4]] != 0).all()
 
 
 def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -150,11 +170,16 @@ def test_a_convolution_others_can_see_or_that_is_not_plain_takes_the_modules() -
 
 
 @pytest.mark.parametrize("layout", ["mindcv", "torchvision"])
-def test_networks_train_through_it(layout: str) -> None:
-    """A whole network's training step is the same with the stem's modules run one by one."""
+@pytest.mark.parametrize("negative", [False, True])
+def test_networks_train_through_it(layout: str, negative: bool) -> None:
+    """A whole network's training step is the same with the stem's modules run one by one, also with some
+    stem BatchNorm weights negative (as training leaves them)."""
     torch.manual_seed(0)
     net = build_network("shufflenet_v2_x0_5", num_classes=10, layout=layout).double().train()
     stem_seq = net.first_conv if layout == "mindcv" else net.conv1
+    if negative:
+        with torch.no_grad():
+            stem_seq[1].weight[::3] *= -1
     plain = copy.deepcopy(net)
     plain.forward_features = lambda x: _features_without_fusion(plain, x)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
