@@ -305,7 +305,7 @@ class Trainer:
         self.compiled_training = compiles_training(cfg, self.ctx.device)
         self.net = torch.compile(net) if self.compiled_training else net
         self.eval_net = self.ema.module if self.ema is not None else self.model
-        if cfg.mode == 0:  # on CPUs too: compiled, evaluation runs 1.35x faster there than eager
+        if cfg.mode == 0:  # on CPUs too: there compiling speeds evaluation up (x0.5 b32: 700 against 520 img/s)
             self.eval_net = torch.compile(self.eval_net)
 
     # -- resume --------------------------------------------------------------------------------------
