@@ -179,7 +179,7 @@ def evaluate(
 
 def compiles_training(cfg: Config, device: torch.device) -> bool:
     """Whether mode 0 compiles the training step here: everywhere but on a CPU, where torch.compile trains
-    this network at 0.67-0.85x the speed of eager channels_last (every ``bench`` run in
+    this network at 0.67-0.88x the speed of eager channels_last (every ``bench`` run in
     benchmarks/results, two kinds of CPU) after about a minute of compiling; ``compile_on_cpu`` asks
     for it anyway."""
     return cfg.mode == 0 and (device.type != "cpu" or cfg.compile_on_cpu)
