@@ -275,6 +275,15 @@ def test_mode_0_on_a_cpu_trains_eager_and_compiles_evaluation(tiny_data: Path, t
 
 
 @pytest.mark.slow
+def test_mode_0_on_a_cpu_trains_eager_and_reports_the_compiled_validation(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0, device="cpu"))
+    log = (tmp_path / "train_rank0.log").read_text()
+    assert "; mode 0 (torch.compile for evaluation; training eager, faster than compiled on a CPU; " in log
+    assert "first validation took" in log and "first training step took" not in log
+    assert result.last is not None and result.last.count == 18
+
+
+@pytest.mark.slow
 def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0, compile_on_cpu=True)
     result = train(config)
