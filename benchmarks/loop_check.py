@@ -26,6 +26,11 @@ def step_row(bench: dict) -> dict:
     return next(r for r in bench["train_rows"] if r["backend"] == "ours-mindcv-channels-last")
 
 
+def data_row(bench: dict, backend: str) -> dict:
+    """The train-split data row of ``backend``."""
+    return next(r for r in bench["data_rows"] if r["split"] == "train" and r["backend"] == backend)
+
+
 def against(row: dict, rate: float) -> str:
     """A bench row's rate and spread, and the loop's ``rate`` over it."""
     low, high = row["spread"]
@@ -35,8 +40,8 @@ def against(row: dict, rate: float) -> str:
 
 bench = json.loads(Path(sys.argv[1]).read_text())
 step = step_row(bench)
-data = next(r for r in bench["data_rows"] if r["split"] == "train" and r["backend"] == "ours-fast")
-workers = next(r for r in bench["data_rows"] if r["split"] == "train" and r["backend"] == "ours-fast-workers")
+data = data_row(bench, "ours-fast")
+workers = data_row(bench, "ours-fast-workers")  # the same without the batch step
 batch_step_ms = data["ms_per_image"] - workers["ms_per_image"]  # per image, on one core
 expected = 1 / (1 / step["images_per_second"] + 1 / data["images_per_second"])
 pattern = r"([0-9.]+) ms/step, ([0-9.]+) img/s, data wait ([0-9]+)%"

@@ -108,9 +108,10 @@ def stem_forward(conv_bn_relu: nn.Sequential, pool: StemPool, x: torch.Tensor) -
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     conv_geometry = (conv.stride, conv.padding)
     conv_weight, weight = conv.weight, bn.weight
-    flipped = bool((weight < 0).any())
+    negative = weight.detach() < 0
+    flipped = bool(negative.any())
     if flipped:
-        sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(weight.dtype)
+        sign = torch.where(negative, -1.0, 1.0).to(weight.dtype)
         conv_weight, weight = conv_weight * sign.view(-1, 1, 1, 1), weight * sign
         bn.running_mean.mul_(sign)  # the negated channels' statistics are those of -z
     try:
