@@ -194,6 +194,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             repeats=args.repeats, steps=args.iterations, image_size=args.input_size, device=args.device, amp=amp,
         )  # fmt: skip
         results["train_rows"] = [dataclasses.asdict(r) for r in rows]
+        from .batchnorm import compiled_kernels
+
+        # ours' channels_last CPU steps train BatchNorm in numba's kernels where numba is installed
+        results["batchnorm"] = "numba" if compiled_kernels() else "torch ops (numba not installed)"
     if "data" in args.suites:
         from .bench_data import benchmark_pipelines
         from .jpeg_region import library_path

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import batchnorm, optim, pipeline
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
-from . import optim, pipeline
 from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -193,6 +193,18 @@ def describe_mode(cfg: Config, device: torch.device) -> str:
     return (
         "torch.compile for evaluation; training eager, faster than compiled on a CPU; compile_on_cpu True compiles it"
     )
+
+
+def describe_batchnorm(cfg: Config, device: torch.device, autocast: bool) -> str:
+    """The log's word on how BatchNorm trains on a CPU: in ``bn_kernel``'s numba kernels (channels_last,
+    eager, no autocast, numba installed) or in torch's ops; empty on other devices."""
+    if device.type != "cpu":
+        return ""
+    if batchnorm.compiled_kernels() is None:
+        return "; BatchNorm in torch ops (compiled with the fast-cpu extra)"
+    if not cfg.channels_last or autocast or compiles_training(cfg, device):
+        return "; BatchNorm in torch ops (compiled only for eager float32 channels_last training)"
+    return "; BatchNorm compiled (numba)"
 
 
 def eval_loader(cfg: Config, dataset: torch.utils.data.Dataset, ctx: dist.Context) -> torch.utils.data.DataLoader:
@@ -401,6 +413,7 @@ class Trainer:
             f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {ctx.device}; "
             f"{self.precision.describe()}; mode {cfg.mode} ({describe_mode(cfg, ctx.device)}); "
             f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
+            f"{describe_batchnorm(cfg, ctx.device, self.precision.dtype is not None)}"
         )
         if ctx.device.type == "cpu" and self.precision.dtype is not None:
             log.info(

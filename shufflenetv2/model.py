@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import BatchNorm2d, is_nhwc
+from .batchnorm import BatchNorm2d, Layers, is_nhwc
 from .stem import StemPool, stem_forward
 
 # stage_out_channels[1:] of MindCV: stem, stage 2, stage 3, stage 4, conv5
@@ -40,9 +40,9 @@ def _pw_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False)
 
 
-def _main_branch(in_channels: int, mid_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+def _main_branch(in_channels: int, mid_channels: int, out_channels: int, stride: int) -> Layers:
     """1x1 -> BN -> ReLU -> dw3x3 -> BN -> 1x1 -> BN -> ReLU; indices match both libraries' names."""
-    return nn.Sequential(
+    return Layers(
         _pw_conv(in_channels, mid_channels),
         BatchNorm2d(mid_channels),
         nn.ReLU(inplace=True),
@@ -54,9 +54,9 @@ def _main_branch(in_channels: int, mid_channels: int, out_channels: int, stride:
     )
 
 
-def _proj_branch(in_channels: int, out_channels: int) -> nn.Sequential:
+def _proj_branch(in_channels: int, out_channels: int) -> Layers:
     """dw3x3/2 -> BN -> 1x1 -> BN -> ReLU, the shortcut side of a stride-2 block."""
-    return nn.Sequential(
+    return Layers(
         _dw_conv(in_channels, 2),
         BatchNorm2d(in_channels),
         _pw_conv(in_channels, out_channels),
@@ -65,16 +65,16 @@ def _proj_branch(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def _stem_conv(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
+def _stem_conv(in_channels: int, out_channels: int) -> Layers:
+    return Layers(
         nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False),
         BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
 
-def _head_conv(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(_pw_conv(in_channels, out_channels), BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+def _head_conv(in_channels: int, out_channels: int) -> Layers:
+    return Layers(_pw_conv(in_channels, out_channels), BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def global_average(x: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,31 @@ Pooling the convolution's output first leaves the affine map and the ReLU a quar
 backward, BatchNorm's sums over the gradient (zero except at the pooled maxima) are sums over the pooled
 tensor, and the gradient of ``z`` is one per-channel affine function of ``z`` plus one scatter, written
 into ``z``'s own memory.  Batch statistics, running statistics and gradients are BatchNorm's (float64
-tests: 1e-10).
+tests: 1e-10).  With numba (the fast-cpu extra) and channels_last tensors the statistics and that
+backward run in ``bn_kernel`` (``moments``, ``pooled_backward``): two passes instead of seven ops.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .batchnorm import batch_statistics, channel_affine, gradient_sums, is_local_batchnorm, is_nhwc
+from .batchnorm import (
+    batch_statistics,
+    channel_affine,
+    compiled_kernels,
+    gradient_sums,
+    is_local_batchnorm,
+    is_nhwc,
+    kernel_layout,
+    numba_threads,
+    row_block,
+)
 
 STEM_POOLS = ("same", "symmetric")
 
@@ -192,25 +206,81 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         z, ctx.z = ctx.z, None
         if z is None:  # the first backward turned z into its gradient
             z = F.conv2d(x, conv_weight, None, stride, padding)
-        grad = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's
-        # BatchNorm's gradient sums over z: the gradient is zero off the pooled maxima, so they are sums
-        # over the pooled tensor (a position two windows share counts twice, as its gradient does)
-        grad_weight, grad_bias = gradient_sums(grad, pooled, mean, var, ctx.eps)
-        count = z.numel() // z.shape[1]
-        invstd = torch.rsqrt(var + ctx.eps)
-        scale = weight * invstd
-        # dL/dz = scale * (g - sum(g) / n - zhat * sum(g * zhat) / n), zhat = (z - mean) * invstd:
-        # a per-channel affine function c1 * z + c0, plus scale * g added where the pool took its maxima
-        c1 = -scale * invstd * grad_weight / count
-        c0 = -scale * grad_bias / count - c1 * mean
-        grad_z = channel_affine(z, c1, c0, out=z)
-        # indices count positions within each (image, channel) plane: flattened, they index its pixels
-        _scatter_add_planes(grad_z, indices, grad * scale.view(1, -1, 1, 1))
+        kernels = compiled_kernels() if all(map(kernel_layout, (z, pooled, indices, out))) else None
+        if kernels is not None:  # _torch_pooled_backward's steps in two passes of bn_kernel.pooled_backward
+            grad_weight, grad_bias = _pooled_backward(
+                kernels, grad, pooled, out, indices, weight, mean, var, ctx.eps, z
+            )
+            grad_z = z
+        else:
+            grad_z, grad_weight, grad_bias = _torch_pooled_backward(
+                grad, pooled, out, indices, weight, mean, var, ctx.eps, z
+            )
         grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad_z, x, conv_weight, None, stride, padding, [1, 1], False, [0, 0], 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )  # fmt: skip
         return grad_x, grad_conv_weight, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _torch_pooled_backward(
+    grad: torch.Tensor,
+    pooled: torch.Tensor,
+    out: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of ``z`` (written into ``z``) and BatchNorm's weight and bias gradients, in torch's ops."""
+    grad = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's
+    # BatchNorm's gradient sums over z: the gradient is zero off the pooled maxima, so they are sums
+    # over the pooled tensor (a position two windows share counts twice, as its gradient does)
+    grad_weight, grad_bias = gradient_sums(grad, pooled, mean, var, eps)
+    count = z.numel() // z.shape[1]
+    invstd = torch.rsqrt(var + eps)
+    scale = weight * invstd
+    # dL/dz = scale * (g - sum(g) / n - zhat * sum(g * zhat) / n), zhat = (z - mean) * invstd:
+    # a per-channel affine function c1 * z + c0, plus scale * g added where the pool took its maxima
+    c1 = -scale * invstd * grad_weight / count
+    c0 = -scale * grad_bias / count - c1 * mean
+    grad_z = channel_affine(z, c1, c0, out=z)
+    # indices count positions within each (image, channel) plane: flattened, they index its pixels
+    _scatter_add_planes(grad_z, indices, grad * scale.view(1, -1, 1, 1))
+    return grad_z, grad_weight, grad_bias
+
+
+def _pooled_backward(
+    kernels: ModuleType,
+    grad: torch.Tensor,
+    pooled: torch.Tensor,
+    out: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's weight and bias gradients, with ``z`` turned into its own gradient, by ``bn_kernel``."""
+    numba_threads(kernels)
+    n, c = z.shape[:2]
+    statistics = torch.stack((mean, var, var)).double()
+    statistics[2] = torch.rsqrt(statistics[1] + eps)  # mean, variance, 1 / std: the kernels' layout
+    scale = weight.detach() * torch.rsqrt(var + eps)
+    grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+    grad_rows, column = row_block(grad)
+
+    def images(t: torch.Tensor) -> np.ndarray:  # (N, pixels, C) of an NHWC tensor
+        return t.detach().permute(0, 2, 3, 1).reshape(n, -1, c).numpy()
+
+    kernels.pooled_backward(
+        grad_rows, column, images(pooled), images(out), images(indices), statistics.numpy(),
+        scale.numpy(), images(z), grad_weight.numpy(), grad_bias.numpy(),
+    )  # fmt: skip
+    return grad_weight, grad_bias
 
 
 def _scatter_add_planes(target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from shufflenetv2 import bench_train, jpeg_region
+from shufflenetv2.batchnorm import compiled_kernels
 from shufflenetv2.bench_data import DATA_BACKENDS, TRAIN_ONLY
 from shufflenetv2.bench_train import as_delivered, batches, loss_trajectory, prepare, step_function, twin_networks
 from shufflenetv2.cli import main
@@ -94,6 +95,7 @@ def test_bench_train_and_data_suites(tmp_path: Path) -> None:
     assert rows == [(s, b) for s in ("train", "eval") for b in DATA_BACKENDS if s == "train" or b not in TRAIN_ONLY]
     assert results["jpeg_region_library"] == jpeg_region.library_path()  # which decoder the fast rows used
     assert results["batch_step"] == ("numba" if compiled_batch_step() else "torch ops (numba not installed)")
+    assert results["batchnorm"] == ("numba" if compiled_kernels() else "torch ops (numba not installed)")
     assert all(r["images_per_second"] > 0 for r in results["data_rows"])
     # the machine is recorded without the inference suite too, down to the kernels torch dispatched to
     assert results["machine"]["cpu"].endswith(f"torch kernels {torch.backends.cpu.get_cpu_capability()}")

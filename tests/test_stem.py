@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from shufflenetv2 import stem
+from shufflenetv2 import batchnorm, stem
 from shufflenetv2.model import build_network
 from shufflenetv2.stem import StemPool, stem_forward
+
+KERNELS = batchnorm.compiled_kernels()
+
+
+@dataclasses.dataclass
+class BackwardPath:
+    name: str
+    kernel_calls: int = 0
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("numba", marks=pytest.mark.skipif(KERNELS is None, reason="numba is not installed")),
+        "torch ops",
+    ]
+)
+def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> BackwardPath:
+    """The fused backward both ways: ``bn_kernel.pooled_backward`` (numba, channels_last tensors) and
+    torch's ops, counting the kernel's calls."""
+    path = BackwardPath(request.param)
+    if path.name == "numba":
+        kernel = stem._pooled_backward
+
+        def counted(*args: object) -> object:
+            path.kernel_calls += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(stem, "_pooled_backward", counted)
+    else:
+        monkeypatch.setattr(stem, "compiled_kernels", lambda: None)
+        monkeypatch.setattr(batchnorm, "compiled_kernels", lambda: None)
+    return path
 
 
 def stem_modules(channels: int = 6, seed: int = 0) -> nn.Sequential:
@@ -41,7 +74,9 @@ def run(modules: nn.Sequential, pool: StemPool, x: torch.Tensor, grad: torch.Ten
 @pytest.mark.parametrize("padding", ["same", "symmetric"])
 @pytest.mark.parametrize("size", [32, 33])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pooling_first_is_batchnorm_relu_pool(padding: str, size: int, channels_last: bool) -> None:
+def test_pooling_first_is_batchnorm_relu_pool(
+    padding: str, size: int, channels_last: bool, backward_path: BackwardPath
+) -> None:
     """Forward, every gradient and the running statistics, float64, even and odd sizes, both layouts."""
     modules, pool = stem_modules(), StemPool(padding)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -53,6 +88,7 @@ def test_pooling_first_is_batchnorm_relu_pool(padding: str, size: int, channels_
     assert (expected["out"] > 0).float().mean() > 0.3  # ReLU really cuts (and really passes)
     for key, value in expected.items():
         assert torch.allclose(got[key], value, rtol=1e-10, atol=1e-12), key
+    assert backward_path.kernel_calls == (channels_last and backward_path.name == "numba")
 
 
 def test_float32_agrees_to_rounding() -> None:
@@ -96,7 +132,9 @@ def test_the_modules_run_as_they_are_where_pooling_first_is_not_exact_or_not_wor
 
 @pytest.mark.parametrize("padding", ["same", "symmetric"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_negative_batchnorm_weights_pool_first_through_negated_filters(padding: str, channels_last: bool) -> None:
+def test_negative_batchnorm_weights_pool_first_through_negated_filters(
+    padding: str, channels_last: bool, backward_path: BackwardPath
+) -> None:
     """A negative weight makes its channel's map decreasing; the fused path negates that channel's filter and
     must still give BatchNorm -> ReLU -> pool's outputs, gradients and running statistics (float64)."""
     modules, pool = stem_modules(), StemPool(padding)
@@ -112,6 +150,7 @@ def test_negative_batchnorm_weights_pool_first_through_negated_filters(padding: 
     for key, value in expected.items():
         assert torch.allclose(got[key], value, rtol=1e-10, atol=1e-12), key
     assert (got["weight"][[0, 3, 4]] != 0).all() and (got["conv"][[0, 3, 4]] != 0).all()
+    assert backward_path.kernel_calls == (channels_last and backward_path.name == "numba")
 
 
 def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -133,10 +172,14 @@ def test_the_scatter_is_max_pool_backward_accumulated(target_last: bool, values_
     assert torch.allclose(target, expected + 0.5, rtol=0, atol=1e-12)
 
 
-def test_a_second_backward_through_a_retained_graph_recomputes_the_convolution() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_second_backward_through_a_retained_graph_recomputes_the_convolution(
+    channels_last: bool, backward_path: BackwardPath
+) -> None:
     """The first backward writes the gradient of z into z's memory; the second must not see that."""
     modules, pool = stem_modules(), StemPool("same")
-    x = torch.randn(2, 3, 20, 20, dtype=torch.float64, requires_grad=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     grad = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     fused, plain = copy.deepcopy(modules), copy.deepcopy(modules)
     out = stem_forward(fused, pool, x)
@@ -150,6 +193,7 @@ def test_a_second_backward_through_a_retained_graph_recomputes_the_convolution()
     for got, once, expected in zip(accumulated, first, reference, strict=True):
         assert torch.allclose(once, expected, rtol=1e-10, atol=1e-12)
         assert torch.allclose(got, 2 * expected, rtol=1e-10, atol=1e-12)
+    assert backward_path.kernel_calls == 2 * (channels_last and backward_path.name == "numba")
 
 
 def test_a_convolution_others_can_see_or_that_is_not_plain_takes_the_modules() -> None:
@@ -171,7 +215,7 @@ def test_a_convolution_others_can_see_or_that_is_not_plain_takes_the_modules() -
 
 @pytest.mark.parametrize("layout", ["mindcv", "torchvision"])
 @pytest.mark.parametrize("negative", [False, True])
-def test_networks_train_through_it(layout: str, negative: bool) -> None:
+def test_networks_train_through_it(layout: str, negative: bool, backward_path: BackwardPath) -> None:
     """A whole network's training step is the same with the stem's modules run one by one, also with some
     stem BatchNorm weights negative (as training leaves them)."""
     torch.manual_seed(0)
@@ -182,10 +226,12 @@ def test_networks_train_through_it(layout: str, negative: bool) -> None:
             stem_seq[1].weight[::3] *= -1
     plain = copy.deepcopy(net)
     plain.forward_features = lambda x: _features_without_fusion(plain, x)
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    net, plain = net.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert stem._pools_first(*stem_seq[:2], x)
     for model in (net, plain):
         model(x).logsumexp(1).sum().backward()
+    assert backward_path.kernel_calls == (backward_path.name == "numba")
     for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12), name
 

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from torch._dynamo.eval_frame import OptimizedModule
 
-from shufflenetv2 import read_weights, save_weights
+from shufflenetv2 import batchnorm, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.config import Config, ConfigError, from_dict
 from shufflenetv2.engine import Precision, Trainer, TrainingError, compiles_training, describe_mode, train, validate
@@ -147,6 +147,8 @@ def test_validate_never_runs_on_random_weights(tiny_data: Path, tmp_path: Path) 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
+    kernels = "; BatchNorm compiled (numba)" if batchnorm.compiled_kernels() else "; BatchNorm in torch ops (compiled"
+    assert kernels in (out / "train_rank0.log").read_text().splitlines()[0]
     good = list_checkpoints(out)[-1]
     before = good.weights.read_bytes()
     with pytest.raises(TrainingError, match=r"NaN or infinite at step \d+"):
@@ -159,6 +161,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) 
     assert result.last is not None and result.last.loss == result.last.loss  # finite, not NaN
     log = (tmp_path / "bf16" / "train_rank0.log").read_text()
     assert "note: amp_level O2 trains under autocast bfloat16, which on a CPU runs this network slower" in log
+    assert "; BatchNorm in torch ops" in log.splitlines()[0]  # the numba kernels stand aside under autocast
     with pytest.raises(ConfigError, match="float16"):
         Trainer(tiny_config(tiny_data, tmp_path / "fp16", amp_level="O3", amp_dtype="float16"))
 
