@@ -7,8 +7,8 @@ tensor; everything else (other layouts, GPUs, evaluation, autocast, compilation)
 ``bn_kernel`` (numba, the fast-cpu extra), for any channel count: BatchNorm, and BatchNorm with the ReLU
 that follows it (``Layers``), in two passes each way over the (pixels, C) matrix an NHWC tensor is, with
 float64 sums.  At x0.5 batch 32 on this project's 2-core CPU, paired in one process, the whole
-training step ran 1.09x faster than with the wide view below (x1.0: 1.13x), with the stem's statistics
-and backward (``stem``) through the same module.
+training step ran 1.13x faster than with the wide view below (x1.0 too; ``benchmarks/bn_kernel.py``),
+with the stem's statistics and backward (``stem``) through the same module.
 
 The wide view, where numba is not installed.  PyTorch's channels_last BatchNorm kernels treat the tensor
 as a (pixels, C) matrix and walk it one row of C values at a time.  With C = 24 (every stage-2

@@ -11,9 +11,9 @@ of a wider tensor (concatenation's backward) is read where it is.  ``pooled_back
 for the stem's pooling-first BatchNorm, ReLU and max-pool (``stem``).
 
 Paired in one process on this project's 2-core CPU (x0.5, batch 32, 224 px), the training step took
-168.7 ms against 184.8 with torch's ops and the wide view (1.09x; x1.0 1.13x); the kernels themselves
-are about 35 ms of it, near the memory bandwidth.  ``shufflenetv2 bench --suites train`` measures the
-whole step against torchvision's.
+177.3 ms against 196.7 with torch's ops and the wide view (1.13x, x1.0 too; ``benchmarks/bn_kernel.py``);
+the kernels themselves are about 35 ms of it, near the memory bandwidth.  ``shufflenetv2 bench --suites
+train`` measures the whole step against torchvision's.
 
 Numerics: sums in float64, of values shifted by a per-channel pivot (the first row) for the variance and
 of ``x - mean`` for the weight gradient, so neither suffers the cancellation of a plain sum of

@@ -195,16 +195,24 @@ def describe_mode(cfg: Config, device: torch.device) -> str:
     )
 
 
-def describe_batchnorm(cfg: Config, device: torch.device, autocast: bool) -> str:
-    """The log's word on how BatchNorm trains on a CPU: in ``bn_kernel``'s numba kernels (channels_last,
-    eager, no autocast, numba installed) or in torch's ops; empty on other devices."""
+def trains_batchnorm_in_kernels(cfg: Config, device: torch.device, autocast: bool, sync_bn: bool) -> bool:
+    """Whether BatchNorm trains in ``bn_kernel``'s numba kernels: on a CPU, channels_last, eager, without
+    autocast or a synchronised BatchNorm (``sync_bn``, in effect), with numba installed."""
+    return (
+        device.type == "cpu" and cfg.channels_last and not autocast and not sync_bn
+        and not compiles_training(cfg, device) and batchnorm.compiled_kernels() is not None
+    )  # fmt: skip
+
+
+def describe_batchnorm(device: torch.device, in_kernels: bool) -> str:
+    """The log's word on how BatchNorm trains on a CPU (empty on other devices)."""
     if device.type != "cpu":
         return ""
+    if in_kernels:
+        return "; BatchNorm compiled (numba)"
     if batchnorm.compiled_kernels() is None:
         return "; BatchNorm in torch ops (compiled with the fast-cpu extra)"
-    if not cfg.channels_last or autocast or compiles_training(cfg, device):
-        return "; BatchNorm in torch ops (compiled only for eager float32 channels_last training)"
-    return "; BatchNorm compiled (numba)"
+    return "; BatchNorm in torch ops (compiled for eager float32 channels_last training without sync_bn)"
 
 
 def eval_loader(cfg: Config, dataset: torch.utils.data.Dataset, ctx: dist.Context) -> torch.utils.data.DataLoader:
@@ -306,7 +314,7 @@ class Trainer:
         self.best_path: Path | None = None
         self.last_checkpoint: Path | None = None
         self.resumed = self._maybe_resume()
-        self.compile_reported = False
+        self.compile_reported = False  # the first step's time, when it includes compiling (or loading) code
 
         net: nn.Module = self.model
         if self.ctx.distributed:
@@ -315,6 +323,9 @@ class Trainer:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids)
         self.compiled_training = compiles_training(cfg, self.ctx.device)
+        self.kernel_training = trains_batchnorm_in_kernels(
+            cfg, self.ctx.device, self.precision.dtype is not None, self.ctx.distributed and cfg.sync_bn
+        )
         self.net = torch.compile(net) if self.compiled_training else net
         self.eval_net = self.ema.module if self.ema is not None else self.model
         if cfg.mode == 0:  # on CPUs too: there compiling speeds evaluation up (x0.5 b32: 700 against 520 img/s)
@@ -413,7 +424,7 @@ class Trainer:
             f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {ctx.device}; "
             f"{self.precision.describe()}; mode {cfg.mode} ({describe_mode(cfg, ctx.device)}); "
             f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
-            f"{describe_batchnorm(cfg, ctx.device, self.precision.dtype is not None)}"
+            f"{describe_batchnorm(ctx.device, self.kernel_training)}"
         )
         if ctx.device.type == "cpu" and self.precision.dtype is not None:
             log.info(
@@ -562,7 +573,7 @@ class Trainer:
                     self._save_interim(done, loss_sum, unreadable)
                     if stopping:
                         self._interrupted(f"in epoch {epoch + 1} after batch {done}/{batches}")
-            if not self.compile_reported and self.compiled_training:
+            if not self.compile_reported and (self.compiled_training or self.kernel_training):
                 self._report_compile(loss, time.perf_counter() - wait_start)
             interval_steps += 1
             at_log_point = done % cfg.log_interval == 0 or done == batches
@@ -601,10 +612,19 @@ class Trainer:
             )
 
     def _report_compile(self, loss: torch.Tensor, seconds_so_far: float) -> None:
-        """The first compiled step includes torch.compile's tracing and code generation: say how long."""
+        """The first compiled step includes torch.compile's tracing and code generation, and the first step
+        with numba's BatchNorm kernels their compilation (about 15 s on a machine's first run) or their
+        loading from numba's cache: say how long."""
         float(loss.detach())  # wait for the device so the time is the step's own
         self.compile_reported = True
-        self.log.info(f"torch.compile (mode 0): first training step took {seconds_so_far:.1f} s, compilation included")
+        seconds = f"first training step took {seconds_so_far:.1f} s"
+        if self.compiled_training:
+            self.log.info(f"torch.compile (mode 0): {seconds}, compilation included")
+        else:
+            self.log.info(
+                f"numba: {seconds}, compiling or loading the BatchNorm kernels included (compiled once per machine, "
+                "then loaded from numba's cache)"
+            )
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg

@@ -147,8 +147,11 @@ def test_validate_never_runs_on_random_weights(tiny_data: Path, tmp_path: Path) 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
+    log = (out / "train_rank0.log").read_text()
     kernels = "; BatchNorm compiled (numba)" if batchnorm.compiled_kernels() else "; BatchNorm in torch ops (compiled"
-    assert kernels in (out / "train_rank0.log").read_text().splitlines()[0]
+    assert kernels in log.splitlines()[0]
+    first_step = "numba: first training step took " in log
+    assert first_step == (batchnorm.compiled_kernels() is not None) and log.count("first training step took") == 1
     good = list_checkpoints(out)[-1]
     before = good.weights.read_bytes()
     with pytest.raises(TrainingError, match=r"NaN or infinite at step \d+"):
@@ -282,7 +285,7 @@ def test_mode_0_on_a_cpu_trains_eager_and_reports_the_compiled_validation(tiny_d
     result = train(tiny_config(tiny_data, tmp_path, mode=0, epoch_size=1, warmup_epochs=0, device="cpu"))
     log = (tmp_path / "train_rank0.log").read_text()
     assert "; mode 0 (torch.compile for evaluation; training eager, faster than compiled on a CPU; " in log
-    assert "first validation took" in log and "first training step took" not in log
+    assert "first validation took" in log and "torch.compile (mode 0): first training step took" not in log
     assert result.last is not None and result.last.count == 18
 
 
