@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -46,12 +47,15 @@ def twins(channels: int, momentum: float | None = 0.1, seed: int = 0) -> tuple[n
     return reference, ours
 
 
-def train_steps(module: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Outputs, input gradients and parameter gradients of a few training steps, then the buffers."""
+def train_steps(
+    module: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor], forward: Callable | None = None
+) -> list[torch.Tensor]:
+    """Outputs, input gradients and parameter gradients of a few training steps, then the buffers;
+    ``forward`` (default: the module) computes the output from the input."""
     results = []
     for x, g in zip(inputs, grads, strict=True):
         x = x.clone().requires_grad_()
-        out = module(x)
+        out = (forward or module)(x)
         out.backward(g)
         results += [out.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()]
         module.weight.grad, module.bias.grad = None, None
@@ -192,24 +196,15 @@ def kernel_steps(
     reference: nn.Module, ours: BatchNorm2d, inputs: list, grads: list, relu: bool
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``train_steps`` of nn.BatchNorm2d followed by torch's ReLU, and of ours with ``relu`` passed."""
-    plain = nn.Sequential(reference, nn.ReLU()) if relu else reference
-    plain.weight, plain.bias = reference.weight, reference.bias  # what train_steps reads
-    plain.running_mean, plain.running_var = reference.running_mean, reference.running_var
-    plain.num_batches_tracked = reference.num_batches_tracked
 
-    class Fused(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = ours
-            self.weight, self.bias = ours.weight, ours.bias
-            self.running_mean, self.running_var = ours.running_mean, ours.running_var
-            self.num_batches_tracked = ours.num_batches_tracked
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(reference(x)) if relu else reference(x)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            assert kernel_path_applies(ours, x)
-            return ours(x, relu=relu)
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        assert kernel_path_applies(ours, x)
+        return ours(x, relu=relu)
 
-    return train_steps(plain, inputs, grads), train_steps(Fused(), inputs, grads)
+    return train_steps(reference, inputs, grads, plain), train_steps(ours, inputs, grads, fused)
 
 
 @NEEDS_NUMBA
