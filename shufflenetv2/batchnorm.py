@@ -294,16 +294,16 @@ class _KernelBatchNorm(torch.autograd.Function):
         x, statistics, affine = ctx.saved_tensors
         kernels = compiled_kernels()
         numba_threads(kernels)
-        channels = x.shape[1]
+        channels, x_rows = x.shape[1], _rows(x)
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x, memory_format=torch.channels_last)
             grad_x_rows = _rows(grad_x)
         else:
-            grad_x, grad_x_rows = None, np.empty((0, channels), dtype=_rows(x).dtype)
+            grad_x, grad_x_rows = None, np.empty((0, channels), dtype=x_rows.dtype)
         grad_weight, grad_bias = torch.empty(channels, dtype=x.dtype), torch.empty(channels, dtype=x.dtype)
         grad_rows, column = row_block(grad)
         kernels.backward(
-            grad_rows, column, _rows(x), statistics.numpy(), affine.numpy(), ctx.relu,
+            grad_rows, column, x_rows, statistics.numpy(), affine.numpy(), ctx.relu,
             grad_x_rows, grad_weight.numpy(), grad_bias.numpy(),
         )  # fmt: skip
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
