@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import batchnorm
 from .batchnorm import (
     batch_statistics,
     channel_affine,
-    compiled_kernels,
     gradient_sums,
     is_local_batchnorm,
     is_nhwc,
@@ -206,7 +206,8 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         z, ctx.z = ctx.z, None
         if z is None:  # the first backward turned z into its gradient
             z = F.conv2d(x, conv_weight, None, stride, padding)
-        kernels = compiled_kernels() if all(map(kernel_layout, (z, pooled, indices, out))) else None
+        # asked through the module, so that one switch (batchnorm.compiled_kernels) covers BatchNorm and the stem
+        kernels = batchnorm.compiled_kernels() if all(map(kernel_layout, (z, pooled, indices, out))) else None
         if kernels is not None:  # _torch_pooled_backward's steps in two passes of bn_kernel.pooled_backward
             grad_weight, grad_bias = _pooled_backward(
                 kernels, grad, pooled, out, indices, weight, mean, var, ctx.eps, z

@@ -41,7 +41,6 @@ def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
         monkeypatch.setattr(stem, "_pooled_backward", counted)
     else:
-        monkeypatch.setattr(stem, "compiled_kernels", lambda: None)
         monkeypatch.setattr(batchnorm, "compiled_kernels", lambda: None)
     return path
 
