@@ -252,10 +252,17 @@ _applied_threads = threading.local()  # numba's thread count is per calling thre
 
 def numba_threads(kernels: ModuleType) -> None:
     """numba's thread count set to torch's (within numba's own limit), so ``torch.set_num_threads`` rules.
-    Only when torch's count changed: asking numba for its count took 17 us a call inside a training step."""
+    Only when torch's count changed: asking numba for its count took 17 us a call inside a training step.
+
+    The first call starts numba's OpenMP threads, which sets this thread's OpenMP count to all of them
+    (``NUMBA_NUM_THREADS``, the machine's cores), and torch's count is that same setting: put back, or a
+    process that torchrun gave one thread, or bench ``--threads 2`` on a bigger machine, runs every
+    torch op on every core from then on."""
     wanted = torch.get_num_threads()
     if getattr(_applied_threads, "count", None) != wanted:
         kernels.numba.set_num_threads(min(wanted, kernels.numba.config.NUMBA_NUM_THREADS))
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
         _applied_threads.count = wanted
 
 

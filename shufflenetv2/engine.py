@@ -204,6 +204,15 @@ def trains_batchnorm_in_kernels(cfg: Config, device: torch.device, autocast: boo
     )  # fmt: skip
 
 
+def describe_device(device: torch.device) -> str:
+    """The device, and on a CPU torch's thread count: torchrun gives each process one thread unless
+    OMP_NUM_THREADS says otherwise, which a user comparing speeds needs to see."""
+    if device.type != "cpu":
+        return str(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''} per process)"
+
+
 def describe_batchnorm(device: torch.device, in_kernels: bool) -> str:
     """The log's word on how BatchNorm trains on a CPU (empty on other devices)."""
     if device.type != "cpu":
@@ -421,7 +430,7 @@ class Trainer:
         global_batch = cfg.batch_size * ctx.world_size
         log.info(
             f"{cfg.model}: {data_mod.describe_dataset(self.train_set)}; {self.batches_per_epoch} batches/epoch of "
-            f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {ctx.device}; "
+            f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {describe_device(ctx.device)}; "
             f"{self.precision.describe()}; mode {cfg.mode} ({describe_mode(cfg, ctx.device)}); "
             f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
             f"{describe_batchnorm(ctx.device, self.kernel_training)}"

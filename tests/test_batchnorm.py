@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -298,6 +301,32 @@ def test_kernel_results_do_not_depend_on_the_thread_count() -> None:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+THREAD_COUNTS = """
+import sys, torch
+torch.set_num_threads(1)
+import numba
+from shufflenetv2.batchnorm import BatchNorm2d, kernel_path_applies
+bn = BatchNorm2d(8).train()
+x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+assert kernel_path_applies(bn, x)
+bn(x, relu=True).sum().backward()
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+
+
+@NEEDS_NUMBA
+def test_starting_numbas_threads_leaves_torchs_thread_count_alone() -> None:
+    """numba's OpenMP layer, started by the first kernel call, sets the calling thread's OpenMP count to
+    all of numba's threads, which torch reads as its own: torchrun's one thread per process, or bench's
+    ``--threads``, became every core.  A process of its own: numba starts its threads once."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "3"}  # more than the one asked for, even on a 1-core machine
+    done = subprocess.run(
+        [sys.executable, "-c", THREAD_COUNTS], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1", "1"]  # torch's count, and numba's, after the kernels ran
 
 
 @NEEDS_NUMBA

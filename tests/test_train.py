@@ -150,6 +150,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_
     log = (out / "train_rank0.log").read_text()
     kernels = "; BatchNorm compiled (numba)" if batchnorm.compiled_kernels() else "; BatchNorm in torch ops (compiled"
     assert kernels in log.splitlines()[0]
+    threads = torch.get_num_threads()
+    assert f"; device cpu ({threads} thread{'s' if threads > 1 else ''} per process); " in log.splitlines()[0]
     first_step = "numba: first training step took " in log
     assert first_step == (batchnorm.compiled_kernels() is not None) and log.count("first training step took") == 1
     good = list_checkpoints(out)[-1]
@@ -251,6 +253,7 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
     assert (tmp_path / "two" / "train_rank1.log").exists()
+    assert "; device cpu (1 thread per process); " in (tmp_path / "two" / "train_rank1.log").read_text()
 
     def step_losses(run: str) -> list[float]:
         lines = (tmp_path / run / "train_rank0.log").read_text().splitlines()
