@@ -84,10 +84,17 @@ def _calibrate(run: Callable[[], object], warmup: int, iterations: int) -> int:
     return max(1, round(0.33 / (time.perf_counter() - start)))
 
 
-def interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int, repeats: int) -> list[list[float]]:
+def interleaved_rounds(
+    runs: list[tuple[Callable[[], object], int]], batch: int, repeats: int, threads: int
+) -> list[list[float]]:
     """Images/s per round for each runner, the runners taking turns within every round, so that a slow
-    spell of a shared machine falls on all of them rather than on whichever row was being timed."""
+    spell of a shared machine falls on all of them rather than on whichever row was being timed.
+
+    torch's thread count must stay ``threads``, the count asked for, through the runners' set-up and
+    every round: rows at unequal thread counts compare nothing (numba starting its threads once reset it
+    to every core; ``batchnorm.numba_threads``)."""
     rates: list[list[float]] = [[] for _ in runs]
+    _check_threads(threads, "while the rows were set up")
     for _ in range(repeats):
         for index, (run, iterations) in enumerate(runs):
             start = time.perf_counter()
@@ -97,7 +104,16 @@ def interleaved_rounds(runs: list[tuple[Callable[[], object], int]], batch: int,
                 for _ in range(iterations):
                     run()
             rates[index].append(batch * iterations / (time.perf_counter() - start))
+            _check_threads(threads, f"in a round of runner {index}")
     return rates
+
+
+def _check_threads(threads: int, when: str) -> None:
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(
+            f"torch's thread count changed from {threads} to {torch.get_num_threads()} {when}: the rows would "
+            "not be measured at the thread count asked for"
+        )
 
 
 def autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -306,7 +322,7 @@ def benchmark(
                 run()  # the first call (compilation, session warm-up) is setup
                 setups.append(time.perf_counter() - start)
                 runs.append((run, _calibrate(run, warmup, iterations)))
-            measured = interleaved_rounds(runs, batch, repeats)
+            measured = interleaved_rounds(runs, batch, repeats, threads)
             for backend, setup, rates in zip(row_backends, setups, measured, strict=True):
                 median = statistics.median(rates)
                 spread = (min(rates), max(rates))

@@ -161,7 +161,7 @@ def benchmark_training(
             reference = "torchvision-eager" if "torchvision-eager" in backends else (comparable or backends)[0]
             baseline = trajectories[backends.index(reference)]
             floor = noise_floor(theirs, check, amp)
-            measured = interleaved_rounds(runs, batch, repeats)
+            measured = interleaved_rounds(runs, batch, repeats, threads)
             for backend, setup, losses, rates in zip(backends, setups, trajectories, measured, strict=True):
                 median = statistics.median(rates)
                 worst = None if backend in NOT_TORCHVISIONS_FUNCTION else relative_difference(losses, baseline)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from shufflenetv2 import bench_train, jpeg_region
 from shufflenetv2.batchnorm import compiled_kernels
+from shufflenetv2.bench import interleaved_rounds
 from shufflenetv2.bench_data import DATA_BACKENDS, TRAIN_ONLY
 from shufflenetv2.bench_train import as_delivered, batches, loss_trajectory, prepare, step_function, twin_networks
 from shufflenetv2.cli import main
@@ -162,3 +163,19 @@ def test_ort_by_speed_splits_the_rounds_by_torchvisions_speed(tmp_path: Path) ->
     path.write_text(json.dumps({"rows": rows}))
     out = _script("ort_by_speed.py", str(path))
     assert "| x0_5 b32 | 6 | 2.00x (tv 100-200 img/s) | 1.10x (tv 300-400 img/s) | 1.00x (tv 500-600 img/s) |" in out
+
+
+def test_rounds_stop_when_the_thread_count_is_not_the_one_asked_for() -> None:
+    """Rows are compared at one thread count: a runner that changes it (as numba's start once did, in
+    the set-up or in a round) is an error, not a silently unequal comparison."""
+    threads = torch.get_num_threads()
+    steady = (lambda: None, 1)
+    assert [len(r) for r in interleaved_rounds([steady, steady], 4, 3, threads)] == [3, 3]
+    try:
+        with pytest.raises(RuntimeError, match=f"from {threads + 1} to {threads} while the rows were set up"):
+            interleaved_rounds([steady, steady], 4, 3, threads + 1)
+        changing = (lambda: torch.set_num_threads(threads + 1), 1)
+        with pytest.raises(RuntimeError, match=f"from {threads} to {threads + 1} in a round of runner 1"):
+            interleaved_rounds([steady, changing], 4, 3, threads)
+    finally:
+        torch.set_num_threads(threads)
