@@ -195,13 +195,23 @@ def describe_mode(cfg: Config, device: torch.device) -> str:
     )
 
 
-def trains_batchnorm_in_kernels(cfg: Config, device: torch.device, autocast: bool, sync_bn: bool) -> bool:
-    """Whether BatchNorm trains in ``bn_kernel``'s numba kernels: on a CPU, channels_last, eager, without
-    autocast or a synchronised BatchNorm (``sync_bn``, in effect), with numba installed."""
-    return (
-        device.type == "cpu" and cfg.channels_last and not autocast and not sync_bn
-        and not compiles_training(cfg, device) and batchnorm.compiled_kernels() is not None
-    )  # fmt: skip
+def trains_batchnorm_in_kernels(net: nn.Module, cfg: Config, device: torch.device, autocast: bool) -> bool:
+    """Whether BatchNorm trains in ``bn_kernel``'s numba kernels, for the log: the test every training
+    forward makes (``batchnorm.kernel_path_applies``: our BatchNorm2d rather than sync BN, a CPU, the
+    dtype, numba installed), asked of ``net``'s first BatchNorm with a small channels_last tensor like its
+    activations, and what that test reads from the run's context, which is not in force yet: autocast,
+    compilation, and channels_last input."""
+    if autocast or compiles_training(cfg, device) or not cfg.channels_last:
+        return False
+    bn = next((m for m in net.modules() if isinstance(m, nn.BatchNorm2d)), None)
+    if bn is None:
+        return False
+    probe = torch.empty((2, bn.num_features, 2, 2), dtype=bn.weight.dtype, device=device)
+    training = bn.training
+    try:
+        return batchnorm.kernel_path_applies(bn.train(), probe.contiguous(memory_format=torch.channels_last))
+    finally:
+        bn.train(training)
 
 
 def describe_device(device: torch.device) -> str:
@@ -332,9 +342,7 @@ class Trainer:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids)
         self.compiled_training = compiles_training(cfg, self.ctx.device)
-        self.kernel_training = trains_batchnorm_in_kernels(
-            cfg, self.ctx.device, self.precision.dtype is not None, self.ctx.distributed and cfg.sync_bn
-        )
+        self.kernel_training = trains_batchnorm_in_kernels(net, cfg, self.ctx.device, self.precision.dtype is not None)
         self.net = torch.compile(net) if self.compiled_training else net
         self.eval_net = self.ema.module if self.ema is not None else self.model
         if cfg.mode == 0:  # on CPUs too: there compiling speeds evaluation up (x0.5 b32: 700 against 520 img/s)

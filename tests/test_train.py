@@ -18,7 +18,16 @@ from torch._dynamo.eval_frame import OptimizedModule
 from shufflenetv2 import batchnorm, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.config import Config, ConfigError, from_dict
-from shufflenetv2.engine import Precision, Trainer, TrainingError, compiles_training, describe_mode, train, validate
+from shufflenetv2.engine import (
+    Precision,
+    Trainer,
+    TrainingError,
+    compiles_training,
+    describe_mode,
+    train,
+    trains_batchnorm_in_kernels,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
@@ -171,6 +180,23 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) 
         Trainer(tiny_config(tiny_data, tmp_path / "fp16", amp_level="O3", amp_dtype="float16"))
 
 
+def test_the_log_says_whether_batchnorm_trains_in_the_kernels(tmp_path: Path) -> None:
+    """Asked of the network itself, through the test its BatchNorms make in every training forward."""
+    from shufflenetv2.distributed import convert_sync_batchnorm
+    from shufflenetv2.model import build_network
+
+    cfg, cpu = tiny_config(tmp_path, tmp_path), torch.device("cpu")
+    numba = batchnorm.compiled_kernels() is not None
+    net = build_network("shufflenet_v2_x0_5", num_classes=3).eval()
+    assert trains_batchnorm_in_kernels(net, cfg, cpu, autocast=False) == numba
+    assert not net.training  # the question leaves the network as it was
+    assert trains_batchnorm_in_kernels(net.double(), cfg, cpu, autocast=False) == numba
+    assert not trains_batchnorm_in_kernels(net, cfg, cpu, autocast=True)
+    assert not trains_batchnorm_in_kernels(net, dataclasses.replace(cfg, channels_last=False), cpu, autocast=False)
+    assert not trains_batchnorm_in_kernels(net, dataclasses.replace(cfg, mode=0, compile_on_cpu=True), cpu, False)
+    assert not trains_batchnorm_in_kernels(convert_sync_batchnorm(net, cpu), cfg, cpu, autocast=False)
+
+
 def test_class_count_mismatch_is_a_config_error(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="num_classes 3"):
         Trainer(tiny_config(tiny_data, tmp_path, num_classes=10))
@@ -253,7 +279,9 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
     assert (tmp_path / "two" / "train_rank1.log").exists()
-    assert "; device cpu (1 thread per process); " in (tmp_path / "two" / "train_rank1.log").read_text()
+    first_line = (tmp_path / "two" / "train_rank1.log").read_text().splitlines()[0]
+    assert "; device cpu (1 thread per process); " in first_line
+    assert "; BatchNorm in torch ops" in first_line  # sync BN all-reduces its statistics: not the kernels
 
     def step_losses(run: str) -> list[float]:
         lines = (tmp_path / run / "train_rank0.log").read_text().splitlines()
