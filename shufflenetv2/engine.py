@@ -739,6 +739,8 @@ def train(cfg: Config) -> RunResult:
     try:
         return trainer.run()
     finally:
+        data_mod.stop_workers(trainer.train_loader)
+        data_mod.stop_workers(trainer.val_loader)
         dist.cleanup()
 
 
@@ -767,6 +769,10 @@ def validate(cfg: Config) -> EvalResult:
         net = torch.compile(model) if cfg.mode == 0 else model
         precision = Precision.from_config(cfg, ctx.device)
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
-        return evaluate(net, eval_loader(cfg, dataset, ctx), inputs, precision)
+        loader = eval_loader(cfg, dataset, ctx)
+        try:
+            return evaluate(net, loader, inputs, precision)
+        finally:
+            data_mod.stop_workers(loader)
     finally:
         dist.cleanup()
