@@ -94,7 +94,7 @@ def interleaved_rounds(
     every round: rows at unequal thread counts compare nothing (numba starting its threads once reset it
     to every core; ``batchnorm.numba_threads``)."""
     rates: list[list[float]] = [[] for _ in runs]
-    _check_threads(threads, "while the rows were set up")
+    check_threads(threads, "while the rows were set up")
     for _ in range(repeats):
         for index, (run, iterations) in enumerate(runs):
             start = time.perf_counter()
@@ -104,11 +104,12 @@ def interleaved_rounds(
                 for _ in range(iterations):
                     run()
             rates[index].append(batch * iterations / (time.perf_counter() - start))
-            _check_threads(threads, f"in a round of runner {index}")
+            check_threads(threads, f"in a round of runner {index}")
     return rates
 
 
-def _check_threads(threads: int, when: str) -> None:
+def check_threads(threads: int, when: str) -> None:
+    """Raise unless torch's thread count is ``threads``: a bench row measured at another count compares nothing."""
     if torch.get_num_threads() != threads:
         raise RuntimeError(
             f"torch's thread count changed from {threads} to {torch.get_num_threads()} {when}: the rows would "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import check_threads
 from .config import Config
 from .data import SeededDataset, build_dataset, collate_train
 from .pipeline import build_batch_transform
@@ -135,6 +136,7 @@ def benchmark_pipelines(
                     start = time.perf_counter()
                     run()
                     rates[index].append(count / (time.perf_counter() - start))
+                    check_threads(1, f"in a round of {measured_backends[index]}")
             for backend, measured in zip(measured_backends, rates, strict=True):
                 median = statistics.median(measured)
                 spread = (min(measured), max(measured))
