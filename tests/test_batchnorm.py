@@ -304,7 +304,7 @@ def test_kernel_results_do_not_depend_on_the_thread_count() -> None:
 
 
 THREAD_COUNTS = """
-import sys, torch
+import torch
 torch.set_num_threads(1)
 import numba
 from shufflenetv2.batchnorm import BatchNorm2d, kernel_path_applies
