@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from . import batchnorm, optim, pipeline
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
+from .compiling import CompiledOrEager
 from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -122,11 +123,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def _format_eta(seconds: float) -> str:
@@ -336,17 +332,18 @@ class Trainer:
         self.compile_reported = False  # the first step's time, when it includes compiling (or loading) code
 
         net: nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if self.ctx.distributed:
             if cfg.sync_bn:
                 net = dist.convert_sync_batchnorm(net, self.ctx.device)
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=ids)
+            net = self.ddp = DistributedDataParallel(net, device_ids=ids)
         self.compiled_training = compiles_training(cfg, self.ctx.device)
         self.kernel_training = trains_batchnorm_in_kernels(net, cfg, self.ctx.device, self.precision.dtype is not None)
-        self.net = torch.compile(net) if self.compiled_training else net
+        self.net = CompiledOrEager(net, "training", self._warn) if self.compiled_training else net
         self.eval_net = self.ema.module if self.ema is not None else self.model
         if cfg.mode == 0:  # on CPUs too: there compiling speeds evaluation up (x0.5 b32: 700 against 520 img/s)
-            self.eval_net = torch.compile(self.eval_net)
+            self.eval_net = CompiledOrEager(self.eval_net, "validation", self._warn)
 
     # -- resume --------------------------------------------------------------------------------------
 
@@ -515,13 +512,16 @@ class Trainer:
     def _example_unreadable(self) -> str:
         return f" (e.g. {next(iter(self.warned))})" if self.warned else ""
 
+    def _warn(self, message: str) -> None:
+        self.log.warning(f"warning: {message}")
+
     def _warn_unreadable(self, reasons: Sequence[str]) -> None:
         """Name each unreadable file once per run, on every rank (other ranks' loggers do not print)."""
         for reason in reasons:
             if reason in self.warned:
                 continue
             self.warned[reason] = None
-            self.log.warning(f"warning: skipped an unreadable file: {reason}")
+            self._warn(f"skipped an unreadable file: {reason}")
             if not self.ctx.is_main:
                 print(f"[rank {self.ctx.rank}] warning: skipped an unreadable file: {reason}", file=sys.stderr)
 
@@ -563,8 +563,8 @@ class Trainer:
                 lr = self.schedule[min(self.global_step, len(self.schedule) - 1)]
                 optim.set_lr(self.optimizer, lr)
             sync = contextlib.nullcontext()
-            if ctx.distributed and not boundary and hasattr(self.net, "no_sync"):
-                sync = self.net.no_sync()
+            if self.ddp is not None and not boundary:
+                sync = self.ddp.no_sync()
             with sync:
                 with self.precision.autocast(device):
                     logits = self.net(images)
@@ -744,6 +744,16 @@ def train(cfg: Config) -> RunResult:
         dist.cleanup()
 
 
+def _warn_on(ctx: dist.Context) -> Callable[[str], None]:
+    """validate.py's warnings: printed once, by rank 0 (it has no run log)."""
+
+    def warn(message: str) -> None:
+        if ctx.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    return warn
+
+
 def validate(cfg: Config) -> EvalResult:
     """validate.py: top-1/top-5/loss of ``cfg.ckpt_path`` (or the pretrained release) on ``val_split``."""
     if not cfg.ckpt_path and not cfg.pretrained:
@@ -766,7 +776,7 @@ def validate(cfg: Config) -> EvalResult:
         ).to(ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        net = torch.compile(model) if cfg.mode == 0 else model
+        net = CompiledOrEager(model, "validation", _warn_on(ctx)) if cfg.mode == 0 else model
         precision = Precision.from_config(cfg, ctx.device)
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
         loader = eval_loader(cfg, dataset, ctx)

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch._dynamo.eval_frame import OptimizedModule
 
 from shufflenetv2 import batchnorm, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
+from shufflenetv2.compiling import CompiledOrEager
 from shufflenetv2.config import Config, ConfigError, from_dict
 from shufflenetv2.engine import (
     Precision,
@@ -321,14 +321,14 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
 def test_mode_0_on_a_cpu_trains_eager_and_compiles_evaluation(tiny_data: Path, tmp_path: Path) -> None:
     cpu = torch.device("cpu")
     trainer = Trainer(tiny_config(tiny_data, tmp_path, mode=0, device="cpu"))
-    assert not trainer.compiled_training and not isinstance(trainer.net, OptimizedModule)
-    assert isinstance(trainer.eval_net, OptimizedModule)
+    assert not trainer.compiled_training and not isinstance(trainer.net, CompiledOrEager)
+    assert isinstance(trainer.eval_net, CompiledOrEager)
     assert describe_mode(trainer.cfg, cpu).startswith("torch.compile for evaluation; training eager,")
     assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0, compile_on_cpu=True), cpu)
     assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0), torch.device("cuda"))
     assert not compiles_training(tiny_config(tiny_data, tmp_path, mode=1, compile_on_cpu=True), torch.device("cuda"))
     eager = Trainer(tiny_config(tiny_data, tmp_path / "eager", mode=1, device="cpu"))
-    assert not isinstance(eager.net, OptimizedModule) and not isinstance(eager.eval_net, OptimizedModule)
+    assert not isinstance(eager.net, CompiledOrEager) and not isinstance(eager.eval_net, CompiledOrEager)
 
 
 @pytest.mark.slow
@@ -337,6 +337,7 @@ def test_mode_0_on_a_cpu_trains_eager_and_reports_the_compiled_validation(tiny_d
     log = (tmp_path / "train_rank0.log").read_text()
     assert "; mode 0 (torch.compile for evaluation; training eager, faster than compiled on a CPU; " in log
     assert "first validation took" in log and "torch.compile (mode 0): first training step took" not in log
+    assert "torch.compile failed" not in log and "runs eager from here on" not in log  # compiled, no fallback
     assert result.last is not None and result.last.count == 18
 
 
@@ -348,6 +349,7 @@ def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Pat
     assert "; mode 0 (torch.compile); " in log and "note: amp_level" not in log  # float32: no precision note
     assert "torch.compile (mode 0): first training step took" in log
     assert "first validation took" in log
+    assert "torch.compile failed" not in log and "runs eager from here on" not in log  # compiled, no fallback
     assert result.last is not None and result.last.count == 18
 
 

@@ -1,0 +1,145 @@
+"""torch.compile for the training loop and validate.py, made so that compiling can never cost a run.
+
+MindCV's recipes say ``mode: 0``, so ``train.py`` compiles evaluation (and, on a GPU, training) by
+default, and the first compiled call comes after a whole epoch of training.  Three failures met there:
+
+- **No C++ compiler** (a slim container): inductor raises ``InvalidCxxCompiler`` at that first call.
+- **Ctrl-C while it compiles** (it takes about a minute on a CPU, right after epoch 1): the terminal's
+  SIGINT reaches every process of its group, so the ``g++`` and ``ld`` that torch runs die with it,
+  the compile fails, and the run crashed without saving the epoch.
+- **What that Ctrl-C leaves behind:** ld had already created the library, so torch's cache holds a
+  truncated ``.so``.  Torch treats a file that exists as built, so every later run failed at its first
+  compiled call (``ImportError: ... .so: file too short``) until the user found and emptied the cache.
+
+So compiled calls run with SIGINT and SIGTERM blocked in the calling thread: the compilers torch starts
+inherit that mask, finish their files and exit; the signal itself is still seen by this process's other
+threads, so the training loop's stop request is recorded at once and honoured after the step, as
+always.  A library in torch's cache that fails to load is removed and the call compiled again.  Any other
+compile failure is reported once and the module runs eager from then on: the same results, slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPILE_FAILURE = torch._dynamo.exc.BackendCompilerFailed  # inductor's InductorError is one too
+_LIBRARY = re.compile(r"(/[^\s:'\"]+\.so)\b")
+_MAX_REPAIRS = 16  # each repair removes one more broken library; a run leaves one or two
+
+
+class CompiledOrEager(nn.Module):
+    """``torch.compile(module)``, or ``module`` itself once compiling has failed.
+
+    The module is registered as ``_orig_mod``, the name torch.compile's own wrapper gives it, so code
+    that sees through one (``unwrap_model``, state-dict prefixes) sees through both.  ``what`` names the
+    calls in the warning ("validation", "training").
+    """
+
+    def __init__(self, module: nn.Module, what: str, warn: Callable[[str], None]) -> None:
+        super().__init__()
+        self._orig_mod = module
+        self.__dict__["_compiled"] = torch.compile(module)  # not registered: the same module a second time
+        self.what = what
+        self.warn = warn
+        self.failure: str | None = None  # why it runs eager, once compiling has failed
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        repairs = 0
+        while self.failure is None:
+            try:
+                with compilers_finish_on_signals():
+                    return self._compiled(*args, **kwargs)
+            except COMPILE_FAILURE as exc:
+                removed = remove_broken_libraries(exc)
+                if removed and repairs < _MAX_REPAIRS:
+                    repairs += 1
+                    why = _first_line(_load_error(exc)).replace(f"{removed[0]}: ", "")
+                    self.warn(
+                        f"torch.compile: removed {removed[0]} from torch's compile cache: it cannot be loaded "
+                        f"({why}), as an interrupted compile leaves it; compiling again"
+                    )
+                    continue
+                self.failure = _first_line(_reason(exc))
+                self.warn(
+                    f"torch.compile failed for {self.what} ({self.failure}); {self.what} runs eager "
+                    "from here on, with the same results, slower. To compile, fix the cause (on a CPU torch.compile "
+                    "needs a C++ compiler: install g++, or point CXX at one); mode 1 does not try."
+                )
+        return self._orig_mod(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compilers_finish_on_signals() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread, so the processes it starts (torch's g++ and ld) inherit the
+    block and run to completion.  This process's other threads still take the signals, and the main
+    thread runs the Python handler when it next takes the GIL: a SIGINT in the middle of compiling the
+    first validation printed the loop's stop message 0.2-0.3 s later."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no process groups to fear
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def remove_broken_libraries(exc: BaseException) -> list[Path]:
+    """Delete the libraries in torch's compile cache that ``exc`` failed to load; return their paths.
+
+    Only files inside the cache directory, named by the load error itself, are touched: torch rebuilds
+    a missing one at the next call, where a present one counts as built however short it is."""
+    cache = _cache_dir()
+    error = _load_error(exc)
+    if cache is None or error is None:
+        return []
+    removed = []
+    for name in _LIBRARY.findall(str(error)):
+        path = Path(name)
+        if path.is_file() and path.resolve().is_relative_to(cache):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _load_error(exc: BaseException) -> BaseException | None:
+    """The ImportError or OSError of loading a compiled library, among ``exc``'s causes."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (ImportError, OSError)) and _LIBRARY.search(str(current)):
+            return current
+        stack += [getattr(current, "inner_exception", None), current.__cause__, current.__context__]
+    return None
+
+
+def _cache_dir() -> Path | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # torch before 2.6 kept it elsewhere; without it nothing is removed
+        return None
+    return Path(cache_dir()).resolve()
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong inside the backend: the wrapper's own first line is only "backend='inductor' raised:"."""
+    inner = getattr(exc, "inner_exception", None)
+    return f"{type(inner).__name__}: {inner}" if isinstance(inner, BaseException) else str(exc)
+
+
+def _first_line(text: object) -> str:
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else "no message"
+    return line if len(line) <= 300 else line[:297] + "..."
