@@ -127,6 +127,7 @@ class Config:
     in_channels: int = 3
     pretrained: bool = False
     ckpt_path: str = ""
+    drop_classifier: bool = False  # ours: ckpt_path with another class count gets a new num_classes classifier
     keep_checkpoint_max: int = 10
     ckpt_save_dir: str = "./ckpt"
     ckpt_save_interval: int = 1
@@ -554,6 +555,12 @@ def _validate_run(cfg: Config) -> None:
             "resume_opt True continues from the optimizer state saved beside the checkpoint named by ckpt_path, but "
             "ckpt_path is empty; set ckpt_path to a checkpoint written by train, set auto_resume True to continue "
             "from the latest one in ckpt_save_dir, or set resume_opt False"
+        )
+    if cfg.drop_classifier and (cfg.resume_opt or not cfg.ckpt_path):
+        why = "resume_opt True continues a run, classifier included" if cfg.resume_opt else "ckpt_path is empty"
+        raise ConfigError(
+            f"drop_classifier True starts a fine-tuning from ckpt_path's weights with a new classifier, but {why}; "
+            "set drop_classifier False, or name the weights to fine-tune with ckpt_path (and resume_opt False)"
         )
     if cfg.ckpt_path and not cfg.auto_resume:  # with auto_resume it is only the fallback when no checkpoint exists
         path = Path(cfg.ckpt_path)

@@ -358,9 +358,12 @@ class Trainer:
         if ref is None and cfg.ckpt_path:
             beside = ckpt.resolve_resume(cfg.ckpt_path)  # the run checkpoint that path belongs to, if any
             source = beside.weights if cfg.ckpt_path.endswith(ckpt.STATE_SUFFIX) else Path(cfg.ckpt_path)
-            load_weights(self.model, read_weights(source), drop_classifier=False)
+            weights = read_weights(source)
+            load_weights(self.model, weights, drop_classifier=cfg.drop_classifier)
             self._reseed_ema()
-            self.log.info(f"loaded weights from {source}")
+            dropped = cfg.drop_classifier and weights.arch["num_classes"] != cfg.num_classes
+            fresh = f" ({weights.arch['num_classes']} classes), with a new {cfg.num_classes}-class classifier"
+            self.log.info(f"loaded weights from {source}{fresh if dropped else ''}")
             if not cfg.resume_opt:
                 return False
             ref = beside
@@ -452,7 +455,8 @@ class Trainer:
             for epoch in range(self.epoch, cfg.epoch_size):
                 last_eval = self._run_epoch(epoch, record) or last_eval
         total = time.perf_counter() - run_start
-        log.info(f"training finished: {cfg.epoch_size} epochs in {total:.1f} s; run directory {self.run_dir}")
+        epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
+        log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
         dist.barrier()
         return RunResult(self.run_dir, self.epoch, last_eval, self.best_top1, self.best_path, self.last_checkpoint)
 

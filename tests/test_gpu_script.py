@@ -50,7 +50,7 @@ def test_gpu_script_writes_every_section_at_toy_sizes_on_the_cpu(tmp_path: Path)
     for on_device in ("False", "True"):  # worker decoding, then the batch's JPEGs decoded where the model runs
         steps = (out / f"e2e_decode_on_device_{on_device}.log").read_text().splitlines()
         assert steps and all("img/s" in line for line in steps)
-    assert log.count("training finished: 1 epochs") == 2
+    assert log.count("training finished: 1 epoch in") == 2
     assert "JPEGs decoded on the device" in log
 
     data = json.loads((out / "data.json").read_text())

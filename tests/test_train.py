@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from shufflenetv2 import batchnorm, read_weights, save_weights
+from shufflenetv2 import batchnorm, create_model, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.compiling import CompiledOrEager
 from shufflenetv2.config import Config, ConfigError, from_dict
@@ -30,6 +30,7 @@ from shufflenetv2.engine import (
     trains_batchnorm_in_kernels,
     validate,
 )
+from shufflenetv2.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
@@ -146,6 +147,20 @@ def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path) -> None:
         path = save_weights(tmp_path / f"w{suffix}", model)
         other = validate(dataclasses.replace(cfg, ckpt_path=str(path)))
         assert other.top1 == reference.top1 and other.loss == pytest.approx(reference.loss, abs=1e-5)
+
+
+def test_drop_classifier_fine_tunes_a_checkpoint_with_another_class_count(tiny_data: Path, tmp_path: Path) -> None:
+    source = create_model("shufflenet_v2_x0_5", num_classes=10)  # e.g. an ImageNet checkpoint for 3 classes
+    path = tmp_path / "ten_classes.safetensors"
+    save_weights(path, source)
+    with pytest.raises(CheckpointError, match="--drop_classifier True"):
+        Trainer(tiny_config(tiny_data, tmp_path / "strict", ckpt_path=str(path)))
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "tuned", ckpt_path=str(path), drop_classifier=True))
+    loaded, theirs = trainer.model.state_dict(), source.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in theirs.items() if not k.startswith("classifier."))
+    assert loaded["classifier.weight"].shape == (3, 1024)
+    log = (tmp_path / "tuned" / "train_rank0.log").read_text()
+    assert f"loaded weights from {path} (10 classes), with a new 3-class classifier" in log
 
 
 def test_validate_never_runs_on_random_weights(tiny_data: Path, tmp_path: Path) -> None:
