@@ -177,6 +177,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error("the openvino backends need OpenVINO: pip install 'shufflenetv2[openvino]'")
     if args.onnx:
         _check_onnx_file(args.onnx, args.models, args.input_size)
+    _check_compiler_for(args, backends)
     results: dict[str, object] = {}
     # every row of the process (ours and torchvision's) under the allocator the training loop uses
     reuse = keep_freed_memory()
@@ -348,6 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _check_compiler_for(args: argparse.Namespace, backends: list[str]) -> None:
+    """Rows that torch.compile builds for the CPU need a C++ compiler: say so before any row runs."""
+    from .compiling import cxx_compiler_missing
+
+    if args.device != "cpu":
+        return
+    compiling = [b for b in backends if b.endswith(("compiled", "frozen", "aot"))] if "inference" in args.suites else []
+    if "train" in args.suites:
+        compiling += [f"{b} (train)" for b in args.train_backends if b.endswith("compiled")]
+    why = cxx_compiler_missing() if compiling else None
+    if why:
+        raise ShuffleNetV2Error(
+            f"the rows {', '.join(compiling)} compile with torch.compile, which needs a C++ compiler on a CPU, and "
+            f"inductor found none ({why}): install one (apt install g++), or leave those rows out (--backends, "
+            "--train-backends)"
+        )
 
 
 def _user_message(exc: ShuffleNetV2Error) -> str:

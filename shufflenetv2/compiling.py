@@ -92,6 +92,19 @@ def compilers_finish_on_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def cxx_compiler_missing() -> str | None:
+    """Why inductor would find no C++ compiler here (torch.compile needs one for CPU code), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let the compile itself tell
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, by whatever module path this torch gives it
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
 def remove_broken_libraries(exc: BaseException) -> list[Path]:
     """Delete the libraries in torch's compile cache that ``exc`` failed to load; return their paths.
 

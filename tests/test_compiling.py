@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from shufflenetv2 import create_model, save_weights
-from shufflenetv2.compiling import CompiledOrEager, compilers_finish_on_signals
+from shufflenetv2.compiling import CompiledOrEager, compilers_finish_on_signals, cxx_compiler_missing
 from shufflenetv2.engine import validate
 
 from .test_train import tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
@@ -214,3 +214,20 @@ def test_validate_without_a_cxx_compiler_warns_once_and_gives_eager_metrics(tiny
     eager = validate(dataclasses.replace(cfg, mode=1))
     assert reported["images"] == eager.count == 18
     assert reported["Top_1_Accuracy"] == eager.top1 and reported["loss"] == pytest.approx(eager.loss, rel=1e-6)
+
+
+def test_bench_refuses_compiled_rows_without_a_cxx_compiler_before_any_row_runs(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "shufflenetv2", "bench", "--suites", "inference", "train", "--models",
+               "shufflenet_v2_x0_5", "--batches", "1", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip()
+    assert message.startswith("error: the rows ours-fused-compiled, ours-fused-frozen, ours-aot, torchvision-compiled")
+    assert "ours-compiled (train)" in message and "InvalidCxxCompiler" in message and "apt install g++" in message
+    assert result.stdout == "" and not (tmp_path / "out.json").exists()  # refused before any row ran
+
+
+@needs_gxx
+def test_a_working_cxx_compiler_is_found() -> None:
+    assert cxx_compiler_missing() is None
