@@ -227,7 +227,10 @@ def describe_batchnorm(device: torch.device, in_kernels: bool) -> str:
         return "; BatchNorm compiled (numba)"
     if batchnorm.compiled_kernels() is None:
         return "; BatchNorm in torch ops (compiled with the fast-cpu extra)"
-    return "; BatchNorm in torch ops (numba's kernels serve eager float32 channels_last training without sync_bn)"
+    return (
+        "; BatchNorm in torch ops (numba's kernels serve eager channels_last training in float32 or float64, "
+        "without autocast or sync_bn)"
+    )
 
 
 def eval_loader(cfg: Config, dataset: torch.utils.data.Dataset, ctx: dist.Context) -> torch.utils.data.DataLoader:

@@ -193,6 +193,8 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) 
     log = (tmp_path / "bf16" / "train_rank0.log").read_text()
     assert "note: amp_level O2 trains under autocast bfloat16, which on a CPU runs this network slower" in log
     assert "; BatchNorm in torch ops" in log.splitlines()[0]  # the numba kernels stand aside under autocast
+    if batchnorm.compiled_kernels() is not None:  # and the log says why
+        assert "in float32 or float64, without autocast or sync_bn)" in log.splitlines()[0]
     with pytest.raises(ConfigError, match="float16"):
         Trainer(tiny_config(tiny_data, tmp_path / "fp16", amp_level="O3", amp_dtype="float16"))
 
