@@ -1,4 +1,4 @@
-"""The ``shufflenetv2`` command: ``train``, ``validate``, ``summary``, ``info``, ``convert`` and ``demo``.
+"""The shufflenetv2 command: train, validate, summary, info, convert, export, bench and demo.
 
 Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; a training
 run stopped by SIGTERM/SIGINT after saving exits with 75 (``EXIT_INTERRUPTED``); anything else is a bug
