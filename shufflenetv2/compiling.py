@@ -14,8 +14,9 @@ default, and the first compiled call comes after a whole epoch of training.  Thr
 So compiled calls run with SIGINT and SIGTERM blocked in the calling thread: the compilers torch starts
 inherit that mask, finish their files and exit; the signal itself is still taken by this process's other
 threads, so the training loop records the stop request within a fraction of a second and honours it
-after the step, as always.  A library in torch's cache that fails to load is removed and the call compiled again.  Any other
-compile failure is reported once and the module runs eager from then on: the same results, slower.
+after the step, as always.  A library in torch's cache that fails to load is removed and the call
+compiled again.  Any other compile failure is reported once and the module runs eager from then on: the
+same results, slower.
 """
 
 from __future__ import annotations

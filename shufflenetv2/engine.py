@@ -27,7 +27,7 @@ from . import batchnorm, optim, pipeline
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
-from .compiling import CompiledOrEager
+from .compiling import CompiledOrEager, cxx_compiler_missing
 from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -125,6 +125,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _compiling(net: nn.Module) -> str:
+    """What the first compiled call's time includes: the compilation, or a compile that failed (then eager)."""
+    failed = isinstance(net, CompiledOrEager) and net.failure is not None
+    return "a failed compile included (it ran eager; see the warning)" if failed else "compilation included"
+
+
 def _format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -184,10 +190,13 @@ def compiles_training(cfg: Config, device: torch.device) -> bool:
 def describe_mode(cfg: Config, device: torch.device) -> str:
     if cfg.mode == 1:
         return "eager"
+    missing = cxx_compiler_missing() if device.type == "cpu" else None
+    unable = "; no C++ compiler found, so what it compiles will run eager: install g++" if missing else ""
     if compiles_training(cfg, device):
-        return "torch.compile"
+        return f"torch.compile{unable}"
     return (
-        "torch.compile for evaluation; training eager, faster than compiled on a CPU; compile_on_cpu True compiles it"
+        "torch.compile for evaluation; training eager, faster than compiled on a CPU; compile_on_cpu True compiles "
+        f"it{unable}"
     )
 
 
@@ -484,7 +493,8 @@ class Trainer:
             evaluation = evaluate(self.eval_net, self.val_loader, self.eval_inputs, self.precision)
             eval_time = time.perf_counter() - eval_start
             if cfg.mode == 0 and epoch == self.first_epoch:
-                log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, compilation included")
+                included = _compiling(self.eval_net)
+                log.info(f"torch.compile (mode 0): first validation took {eval_time:.1f} s, {included}")
             self._warn_unreadable(evaluation.unreadable_here)
             row.update(top1=evaluation.top1, top5=evaluation.top5, val_loss=evaluation.loss)
             log.info(
@@ -643,7 +653,7 @@ class Trainer:
         self.compile_reported = True
         seconds = f"first training step took {seconds_so_far:.1f} s"
         if self.compiled_training:
-            self.log.info(f"torch.compile (mode 0): {seconds}, compilation included")
+            self.log.info(f"torch.compile (mode 0): {seconds}, {_compiling(self.net)}")
         else:
             self.log.info(
                 f"numba: {seconds}, compiling or loading the BatchNorm kernels included (compiled once per machine, "

@@ -231,3 +231,21 @@ def test_bench_refuses_compiled_rows_without_a_cxx_compiler_before_any_row_runs(
 @needs_gxx
 def test_a_working_cxx_compiler_is_found() -> None:
     assert cxx_compiler_missing() is None
+
+
+@pytest.mark.slow
+def test_train_without_a_cxx_compiler_finishes_and_saves(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    """mode 0 on a CPU compiles the validation after epoch 1: without g++ that crashed the run, unsaved."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", epoch_size=1, warmup_epochs=0)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
+    command = [sys.executable, str(REPO / "train.py"), "-c", str(config_file), "--mode", "0", "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    log = (tmp_path / "run" / "train_rank0.log").read_text()
+    assert "no C++ compiler found, so what it compiles will run eager: install g++)" in log.splitlines()[0]
+    assert log.count("warning: torch.compile failed for validation (InvalidCxxCompiler") == 1
+    assert "first validation took" in log and "a failed compile included (it ran eager; see the warning)" in log
+    assert "Epoch 1/1 validation: top-1" in log and (tmp_path / "run" / "shufflenet_v2_x0_5-1_6.safetensors").exists()
