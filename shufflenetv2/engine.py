@@ -32,7 +32,7 @@ from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
 from .factory import create_model
-from .fileio import atomic_path, check_writable, storage_error
+from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
 from .runlog import RunRecord, plot_curves, setup_logger
@@ -258,9 +258,21 @@ class Trainer:
         self.ctx = dist.setup(cfg)
         self.precision = Precision.from_config(cfg, self.ctx.device)  # a config error: before any file exists
         self.run_dir = Path(cfg.output_dir or cfg.ckpt_save_dir)
+        self.locks: list[RunLock] = []
         if self.ctx.is_main:
             check_writable(self.run_dir, "the run directory (output_dir)")
             check_writable(cfg.ckpt_save_dir, "checkpoints to ckpt_save_dir")
+            for folder in dict.fromkeys(p.resolve() for p in (self.run_dir, Path(cfg.ckpt_save_dir))):
+                lock = lock_run_directory(folder)
+                self.locks += [lock] if lock is not None else []
+        try:
+            self._set_up()
+        except BaseException:  # a trainer that failed to start holds no folder (a caller may retry at once)
+            self.release_directories()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         try:
             self.log = setup_logger(self.run_dir, self.ctx.rank)
         except OSError as exc:
@@ -356,6 +368,12 @@ class Trainer:
         self.eval_net = self.ema.module if self.ema is not None else self.model
         if cfg.mode == 0:  # on CPUs too: there compiling speeds evaluation up (x0.5 b32: 700 against 520 img/s)
             self.eval_net = CompiledOrEager(self.eval_net, "validation", self._warn)
+
+    def release_directories(self) -> None:
+        """Let another run use the run and checkpoint folders (the locks also go when the process ends)."""
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
 
     # -- resume --------------------------------------------------------------------------------------
 
@@ -463,13 +481,16 @@ class Trainer:
         last_eval = None
         run_start = time.perf_counter()
         self.first_epoch = self.epoch
-        with self.stop:
-            for epoch in range(self.epoch, cfg.epoch_size):
-                last_eval = self._run_epoch(epoch, record) or last_eval
-        total = time.perf_counter() - run_start
-        epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
-        log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
-        dist.barrier()
+        try:
+            with self.stop:
+                for epoch in range(self.epoch, cfg.epoch_size):
+                    last_eval = self._run_epoch(epoch, record) or last_eval
+            total = time.perf_counter() - run_start
+            epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
+            log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
+            dist.barrier()
+        finally:
+            self.release_directories()
         return RunResult(self.run_dir, self.epoch, last_eval, self.best_top1, self.best_path, self.last_checkpoint)
 
     def _run_epoch(self, epoch: int, record: RunRecord | None) -> EvalResult | None:
@@ -756,6 +777,7 @@ def train(cfg: Config) -> RunResult:
     try:
         return trainer.run()
     finally:
+        trainer.release_directories()
         data_mod.stop_workers(trainer.train_loader)
         data_mod.stop_workers(trainer.val_loader)
         dist.cleanup()

@@ -19,3 +19,7 @@ class DataError(ShuffleNetV2Error):
 
 class StorageError(ShuffleNetV2Error, OSError):
     """A file the run must write cannot be written (read-only folder, full disk, no permission)."""
+
+
+class DirectoryInUse(ShuffleNetV2Error):
+    """Another training run holds the run or checkpoint folder (``fileio.lock_run_directory``)."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
-from .errors import StorageError
+from .errors import DirectoryInUse, StorageError
 
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free space there or choose another folder",
@@ -30,13 +34,80 @@ def storage_error(exc: OSError, path: str | os.PathLike[str], what: str) -> Stor
 def check_writable(directory: str | os.PathLike[str], what: str) -> None:
     """Fail now, not hours from now at the first checkpoint, when ``directory`` cannot take files."""
     directory = Path(directory)
+    probe = directory / f".write-test-{os.getpid()}.tmp"  # its own name: another process may probe at once
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / ".write-test") as tmp:
+        with atomic_path(probe) as tmp:
             tmp.write_bytes(b"ok")
-        (directory / ".write-test").unlink()
+        probe.unlink()
     except OSError as exc:
         raise storage_error(exc, directory, what) from None
+
+
+class RunLock:
+    """A folder claimed by ``lock_run_directory``; ``release()`` lets another run in."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+        _HELD.add(self)
+
+    def release(self) -> None:
+        self.handle.close()
+        _HELD.discard(self)
+
+
+_HELD: set[RunLock] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    """flock belongs to the open file, which fork shares: a DataLoader worker that outlives its killed run
+    by a few seconds would still hold the folder, and the run torchrun restarts would find it in use.
+    Closing the child's copy leaves the parent's lock in place."""
+    for lock in _HELD:
+        lock.handle.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def lock_run_directory(directory: str | os.PathLike[str]) -> RunLock | None:
+    """Claim ``directory`` for this training run, or raise DirectoryInUse naming the run that holds it.
+
+    Two runs writing one folder (the same command started twice, a scheduler's retry while the first job
+    still runs) would interleave checkpoints and records, and each run's start-up removes the temporary
+    files an interrupted save left, which would be the other run's saves in flight.  The lock is an
+    advisory ``flock`` on ``.run.lock``: the kernel drops it when the holder exits, however it exits, so a
+    crashed run never leaves the folder locked.  None where the platform or file system has no such lock
+    (the run goes on unguarded).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    path = Path(directory) / ".run.lock"
+    # held open for the run, so no with-block; "a+": opening must not erase the holder's description
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not described itself yet"
+        handle.close()
+        raise DirectoryInUse(
+            f"{directory} is in use by another training run ({holder}); wait for it to finish or stop it, or give "
+            "this run another ckpt_save_dir (and output_dir)"
+        ) from None
+    except OSError:  # a file system without flock (some network mounts)
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    return RunLock(handle)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,8 @@ def _epochs(directory: Path) -> list[int]:
 
 
 def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
+    names = [p.name for p in directory.iterdir() if p.name != ".run.lock"]  # the lock names the run: not left over
+    return sorted(name for name in names if name.endswith(".tmp") or name.startswith("."))
 
 
 # --- save and list --------------------------------------------------------------------------------

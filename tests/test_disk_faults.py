@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+    # .run.lock names the run that holds the folder: each run writes its own line there
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.name != ".run.lock"}
 
 
 def _cli_args(data: Path, ckpt_dir: Path, out_dir: Path, epochs: int) -> list[str]:
