@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file under the final name."""
+"""Atomic file writes (a reader, or a crash, never sees half a file under the final name), and the lock
+that keeps a run's folder to that one run."""
 
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ def lock_run_directory(directory: str | os.PathLike[str]) -> RunLock | None:
     except ImportError:  # Windows
         return None
     path = Path(directory) / ".run.lock"
-    # held open for the run, so no with-block; "a+": opening must not erase the holder's description
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    try:  # held open for the run, so no with-block; "a+": opening must not erase the holder's description
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError:  # check_writable has passed; a folder that still refuses this file goes unguarded
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

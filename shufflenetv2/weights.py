@@ -298,7 +298,8 @@ def load_weights(model: nn.Module, weights: Weights, drop_classifier: bool = Fal
         if head_mismatch and len(problems) <= 2:
             hint = (
                 f" Only the classifier differs: pass num_classes={weights.arch['num_classes']} to use it, or "
-                "drop_classifier=True to fine-tune a new one (train.py: --num_classes N or --drop_classifier True)."
+                "drop_classifier=True to fine-tune a new one (train.py: --num_classes "
+                f"{weights.arch['num_classes']}, or --drop_classifier True)."
             )
         raise CheckpointError(
             f"{weights.source} holds {_describe(weights.arch)}, which does not fit the model "
