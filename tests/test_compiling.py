@@ -110,13 +110,16 @@ def test_a_library_that_cannot_be_loaded_is_removed_and_compiled_again(filled_ca
     assert again["match"] and again["error"] is None  # repaired for good, not just for that run
 
 
-@needs_gxx
 @pytest.mark.slow
-def test_a_ctrl_c_while_g_plus_plus_runs_neither_kills_it_nor_fails_the_compile(tmp_path: Path) -> None:
+def test_a_ctrl_c_while_g_plus_plus_runs_neither_kills_it_nor_fails_the_compile(
+    filled_cache: Path, tmp_path: Path
+) -> None:
     """The terminal sends Ctrl-C's SIGINT to the whole process group. A compiler that waits a second
     before it builds the module's library (a real g++ behind a Python script, which SIGINT stops as it
     stops g++) lets the test send it while that compile runs. Earlier compiles are torch's probes of the
-    CPU's vector instructions, whose failures torch takes as "not supported" and hides."""
+    CPU's vector instructions, whose failures torch takes as "not supported" and hides. The filled cache
+    has those, and the module's library is keyed by the compiler's command, so it is built anew."""
+    shutil.copytree(filled_cache, tmp_path / "cache")
     marker = tmp_path / "compiling"
     slow_gxx = tmp_path / "slow-g++"
     slow_gxx.write_text(f"""#!{sys.executable}
