@@ -460,6 +460,13 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """The loop; the run's folders are released when it ends, however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.release_directories()
+
+    def _run(self) -> RunResult:
         cfg, ctx, log = self.cfg, self.ctx, self.log
         if ctx.is_main:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
@@ -481,16 +488,13 @@ class Trainer:
         last_eval = None
         run_start = time.perf_counter()
         self.first_epoch = self.epoch
-        try:
-            with self.stop:
-                for epoch in range(self.epoch, cfg.epoch_size):
-                    last_eval = self._run_epoch(epoch, record) or last_eval
-            total = time.perf_counter() - run_start
-            epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
-            log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
-            dist.barrier()
-        finally:
-            self.release_directories()
+        with self.stop:
+            for epoch in range(self.epoch, cfg.epoch_size):
+                last_eval = self._run_epoch(epoch, record) or last_eval
+        total = time.perf_counter() - run_start
+        epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
+        log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
+        dist.barrier()
         return RunResult(self.run_dir, self.epoch, last_eval, self.best_top1, self.best_path, self.last_checkpoint)
 
     def _run_epoch(self, epoch: int, record: RunRecord | None) -> EvalResult | None:
@@ -777,7 +781,6 @@ def train(cfg: Config) -> RunResult:
     try:
         return trainer.run()
     finally:
-        trainer.release_directories()
         data_mod.stop_workers(trainer.train_loader)
         data_mod.stop_workers(trainer.val_loader)
         dist.cleanup()
