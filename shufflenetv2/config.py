@@ -149,6 +149,9 @@ class Config:
     scheduler: str = "cosine_decay"
     lr: float = 0.001
     min_lr: float = 1e-6
+    # ours: the images per optimizer step that lr was tuned for (MindCV's ImageNet recipes: 8 devices x 64).
+    # lr is never rescaled (MindCV does not); a run that takes another number per step says how to match it
+    lr_global_batch: int | None = None
     warmup_epochs: int = 3
     warmup_factor: float = 0.0
     decay_epochs: int = 10
@@ -403,8 +406,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.num_parallel_workers < 0:
         raise ConfigError(f"num_parallel_workers must be 0 or more, got {cfg.num_parallel_workers}")
-    if cfg.num_samples is not None and cfg.num_samples < 1:
-        raise ConfigError(f"num_samples must be at least 1 (or None for all), got {cfg.num_samples}")
+    for key in ("num_samples", "lr_global_batch"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1 (or None), got {getattr(cfg, key)}")
     if cfg.lr < 0 or cfg.min_lr < 0:
         raise ConfigError(f"lr and min_lr must not be negative, got {cfg.lr} and {cfg.min_lr}")
     for key in ("hflip", "vflip", "re_prob", "cutmix_prob"):

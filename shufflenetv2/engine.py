@@ -473,9 +473,11 @@ class Trainer:
                 tmp.write_text(to_yaml(cfg))
         record = RunRecord(self.run_dir, resume_after=self.epoch if self.resumed else None) if ctx.is_main else None
         global_batch = cfg.batch_size * ctx.world_size
+        accumulated = f", {self.accum} batches per optimizer step" if self.accum > 1 else ""
         log.info(
             f"{cfg.model}: {data_mod.describe_dataset(self.train_set)}; {self.batches_per_epoch} batches/epoch of "
-            f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}; device {describe_device(ctx.device)}; "
+            f"{cfg.batch_size} per device x {ctx.world_size} = {global_batch}{accumulated}; "
+            f"device {describe_device(ctx.device)}; "
             f"{self.precision.describe()}; mode {cfg.mode} ({describe_mode(cfg, ctx.device)}); "
             f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
             f"{describe_batchnorm(ctx.device, self.kernel_training)}"
@@ -485,6 +487,9 @@ class Trainer:
                 f"note: amp_level {cfg.amp_level} trains under {self.precision.describe()}, which on a CPU runs this "
                 "network slower than float32 (README, training step); amp_level O0 trains faster here"
             )
+        lr_note = optim.lr_batch_note(cfg, ctx.world_size, self.batches_per_epoch)
+        if lr_note:
+            log.info(lr_note)
         last_eval = None
         run_start = time.perf_counter()
         self.first_epoch = self.epoch

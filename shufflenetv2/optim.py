@@ -133,6 +133,33 @@ def lr_schedule(cfg: Config, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
+def lr_batch_note(cfg: Config, world_size: int, batches_per_epoch: int) -> str | None:
+    """How to match the images per optimizer step that lr was tuned for (``lr_global_batch``), when this
+    run takes another number; None when it matches or the config does not say.
+
+    Only a note: lr is never rescaled, as in MindCV, so the value in a recipe is the value used.  A
+    MindCV ImageNet recipe run on one GPU would otherwise take 64 images per step at the learning rate
+    tuned for 512, without a word.
+    """
+    tuned, accum = cfg.lr_global_batch, cfg.gradient_accumulation_steps
+    per_batch = cfg.batch_size * world_size
+    if tuned is None or per_batch * accum == tuned:
+        return None
+    ratio = per_batch * accum / tuned
+    ways = []
+    if tuned % per_batch == 0 and tuned // per_batch <= batches_per_epoch:  # an epoch must hold one step
+        ways.append(f"--gradient_accumulation_steps {tuned // per_batch} (its {tuned} images per step)")
+    scaled = f"--lr {cfg.lr * ratio:.4g}" + (f" --min_lr {cfg.min_lr * ratio:.4g}" if cfg.min_lr else "")
+    ways.append(f"the learning rates scaled linearly, {scaled}")
+    accumulated = f" x {accum} accumulated" if accum > 1 else ""
+    return (
+        f"note: lr {cfg.lr:g} was tuned for {tuned} images per optimizer step (lr_global_batch), and this run "
+        f"takes {per_batch * accum} ({cfg.batch_size} per device x {world_size} device{'s' if world_size > 1 else ''}"
+        f"{accumulated}). To follow the "
+        f"recipe: {', or '.join(ways)}"
+    )
+
+
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
     """Set every param group's lr to ``value`` times the group's ``lr_scale`` (default 1).
 

@@ -96,6 +96,7 @@ def test_ascend_recipes_carry_mindcv_values(width: str) -> None:
     assert cfg.scale == (0.08, 1.0) and cfg.ratio == (0.75, 1.333)  # MindCV's defaults, not set by the recipe
     # lr is per device batch 64 (8 devices) and is not rescaled
     assert cfg.lr == ASCEND[width]["lr"] and cfg.batch_size == 64
+    assert cfg.lr_global_batch == 8 * 64  # ours: what the log compares a run's images per step with
 
 
 def test_ascend_recipes_schedule_adds_up() -> None:

@@ -21,6 +21,7 @@ from shufflenetv2.optim import (
     build_loss,
     build_optimizer,
     clip_gradients,
+    lr_batch_note,
     lr_schedule,
     param_groups,
     set_lr,
@@ -454,3 +455,25 @@ def test_clip_gradients() -> None:
     assert norm.item() == pytest.approx(13.0)  # the norm before clipping
     after = torch.cat([p.grad for p in params]).norm().item()
     assert after <= 1.0 + 1e-6 and after == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lr_batch_note_says_how_to_match_the_images_per_step_lr_was_tuned_for() -> None:
+    recipe = dataclasses.replace(Config(), batch_size=64, lr=0.35, min_lr=0.0, lr_global_batch=512)
+
+    def note(world_size: int, batches_per_epoch: int = 2500, **changes: object) -> str | None:
+        return lr_batch_note(dataclasses.replace(recipe, **changes), world_size, batches_per_epoch)
+
+    one_gpu = note(1)
+    assert one_gpu is not None and "tuned for 512 images per optimizer step" in one_gpu
+    assert "takes 64 (64 per device x 1 device)" in one_gpu
+    assert "--gradient_accumulation_steps 8 " in one_gpu and "--lr 0.04375" in one_gpu and "--min_lr" not in one_gpu
+    assert "--gradient_accumulation_steps 2 " in note(4)
+    assert note(8) is None  # MindCV's own setting
+    assert note(1, gradient_accumulation_steps=8) is None
+    assert note(1, lr_global_batch=None) is None  # MindCV's way: nothing said
+    # 512 is no multiple of 48: linear scaling alone, min_lr scaled too
+    odd = note(1, batch_size=48, min_lr=0.001)
+    assert odd is not None and "accumulation" not in odd and "--lr 0.03281 --min_lr 9.375e-05" in odd
+    small = note(1, batches_per_epoch=7)  # an epoch of 7 batches cannot accumulate 8
+    assert small is not None and "accumulation" not in small and "--lr 0.04375" in small
+    assert "--lr 0.7" in (note(16) or "")  # more images per step than tuned for: scaled up

@@ -31,6 +31,7 @@ from shufflenetv2.engine import (
     validate,
 )
 from shufflenetv2.errors import CheckpointError
+from shufflenetv2.optim import lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (210, 40, 40)}
@@ -371,11 +372,17 @@ def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Pat
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(tiny_data, tmp_path, batch_size=4, gradient_accumulation_steps=3, epoch_size=1))
+    cfg = tiny_config(tiny_data, tmp_path, batch_size=4, gradient_accumulation_steps=3, epoch_size=1, lr_global_batch=4)
+    trainer = Trainer(cfg)
     assert trainer.batches_per_epoch == 12 and trainer.steps_per_epoch == 4
     assert len(trainer.schedule) == 4
     trainer.run()
     assert trainer.global_step == 4
+    log = (tmp_path / "train_rank0.log").read_text()
+    assert "of 4 per device x 1 = 4, 3 batches per optimizer step;" in log
+    # lr was tuned for 4 images per step and this run takes 12: the log says so, and lr stays as set
+    assert "this run takes 12 (4 per device x 1 device x 3 accumulated)" in log and "--lr 0.15" in log
+    assert trainer.schedule == lr_schedule(dataclasses.replace(cfg, lr_global_batch=None), 4)
     assert int(trainer.optimizer.state_dict()["state"][0]["momentum_buffer"].ne(0).any()) == 1
 
 
