@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,13 @@ def checkpoint_ref(directory: Path, model_name: str, epoch: int, step: int) -> C
     return CheckpointRef(Path(directory) / f"{model_name}-{epoch}_{step}", epoch, step)
 
 
-def save_checkpoint(ref: CheckpointRef, model: nn.Module, state: dict[str, Any], source: str = "") -> None:
+def save_checkpoint(
+    ref: CheckpointRef, model: nn.Module, state: dict[str, Any], source: str = "", classes: Sequence[str] | None = None
+) -> None:
     """State first, weights last: the weights file is the mark of a complete checkpoint."""
     with atomic_path(ref.state) as tmp:
         tmp.write_bytes(torch_bytes(state))
-    save_weights(ref.weights, model, fmt="safetensors", source=source)
+    save_weights(ref.weights, model, fmt="safetensors", source=source, classes=classes)
 
 
 def remove_checkpoint(ref: CheckpointRef) -> None:

@@ -43,7 +43,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         "tensors": len(weights.tensors),
         "parameters": int(sum(t.numel() for t in weights.tensors.values())),
         "training_state_skipped": len(weights.skipped),
-        "metadata": weights.metadata,
+        "classes": weights.classes,  # the names a training run of ours recorded, in label order
+        "metadata": {k: v for k, v in weights.metadata.items() if k != "classes"},
     }
     print(json.dumps(info, indent=2))
 
@@ -75,7 +76,9 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         original = create_model(
             str(name), num_classes, in_channels, checkpoint_path=args.src, layout=source.layout, ema=args.ema
         )
-    dst = save_weights(args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}")
+    dst = save_weights(
+        args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}", classes=source.classes
+    )
     # read back what was written and compare logits: a conversion that changes the numbers is a bug
     reloaded = create_model(
         str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=dst, layout=layout

@@ -389,13 +389,15 @@ def _index_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
     return classes, paths, labels
 
 
-def describe_class_difference(train: Sequence[str], val: Sequence[str]) -> str:
-    """Which class names only one split has, for an error message."""
+def describe_class_difference(
+    train: Sequence[str], val: Sequence[str], names: tuple[str, str] = ("training", "validation")
+) -> str:
+    """Which class names only one of two lists has, for an error message; ``names`` says whose they are."""
     train_names, val_names = set(train), set(val)
     only_train = [c for c in train if c not in val_names]
     only_val = [c for c in val if c not in train_names]
-    parts = [f"only in training: {_preview(only_train)}"] if only_train else []
-    parts += [f"only in validation: {_preview(only_val)}"] if only_val else []
+    parts = [f"only in {names[0]}: {_preview(only_train)}"] if only_train else []
+    parts += [f"only in {names[1]}: {_preview(only_val)}"] if only_val else []
     return "; ".join(parts) or "the same names in a different order"
 
 

@@ -293,7 +293,8 @@ class Trainer:
                 f"({data_mod.describe_class_difference(self.train_set.classes, self.val_set.classes)}), so "
                 "labels would not mean the same class; give both splits the same class folders"
             )
-        classes = len(self.train_set.classes)
+        self.classes = list(self.train_set.classes)
+        classes = len(self.classes)
         if classes != cfg.num_classes:
             raise ConfigError(
                 f"num_classes is {cfg.num_classes} but {cfg.train_split!r} holds {classes} classes; "
@@ -420,6 +421,7 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         rank = min(self.ctx.rank, len(state["rng"]) - 1)  # resuming on more ranks than saved: reuse the last
         self.start_batch = int(state.get("batch", 0))
+        self._check_same_data(state, ref.state)
         if self.start_batch and len(state["rng"]) != self.ctx.world_size:
             raise TrainingError(
                 f"{ref.weights} was saved inside an epoch by {len(state['rng'])} process(es); the rest of that "
@@ -434,6 +436,27 @@ class Trainer:
         where = f"epoch {self.epoch + 1}, batch {self.start_batch}" if self.start_batch else f"epoch {self.epoch}"
         self.log.info(f"resumed from {ref.weights} after {where}, optimizer step {self.global_step}")
         return True
+
+    def _check_same_data(self, state: dict[str, Any], source: Path) -> None:
+        """A resumed run must train on the classes it started with: labels are positions in the sorted
+        class names, so a class folder added, removed or renamed since would silently give other classes'
+        images the labels the network has learnt.  Checkpoints from before the names were recorded pass."""
+        saved = state.get("classes")
+        if saved is not None and list(saved) != self.classes:
+            difference = data_mod.describe_class_difference(saved, self.classes, ("the checkpoint's", "the data's"))
+            raise TrainingError(
+                f"{source} was saved by a run whose training classes differ from this one's ({difference}). Labels are "
+                "numbered by sorted class name, so resuming would train the network on other classes' labels. "
+                "Restore the class folders as they were, or start a new run from these weights with --ckpt_path "
+                "X --resume_opt False (and --num_classes N --drop_classifier True if the count changed)"
+            )
+        saved_images = state.get("train_images")
+        if self.start_batch and saved_images is not None and saved_images != len(self.train_set):
+            self._warn(
+                f"the training set has {len(self.train_set):,} images, and had {saved_images:,} when {source} was "
+                f"saved inside epoch {self.epoch + 1}: the rest of that epoch follows another order, so some of its "
+                "images are seen twice and others not at all. The epochs after it are unaffected"
+            )
 
     def _reseed_ema(self) -> None:
         """The average starts from the loaded weights, not from the random initialisation."""
@@ -455,6 +478,8 @@ class Trainer:
             "best_top1": self.best_top1,
             "rng": [entry[0] for entry in per_rank],
             "config": dataclasses.asdict(self.cfg),
+            "classes": list(self.train_set.classes),  # what the labels mean; a resumed run must agree
+            "train_images": len(self.train_set),
         }
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -746,7 +771,9 @@ class Trainer:
             if improved:
                 path = Path(cfg.ckpt_save_dir) / f"{cfg.model}_best.safetensors"
                 weights_model = self.ema.module if self.ema is not None else self.model
-                save_weights(path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best")
+                save_weights(
+                    path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best", classes=self.classes
+                )
                 self.best_path = path
             if state is not None:
                 ref = ckpt.checkpoint_ref(Path(cfg.ckpt_save_dir), cfg.model, self.epoch, self.batches_per_epoch)
@@ -765,8 +792,8 @@ class Trainer:
 
     def _write_checkpoint(self, ref: ckpt.CheckpointRef, state: dict[str, Any], source: str) -> None:
         if self.ema is not None:  # before the network weights, which mark the checkpoint complete
-            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"{source} EMA")
-        ckpt.save_checkpoint(ref, self.model, state, source=source)
+            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"{source} EMA", classes=self.classes)
+        ckpt.save_checkpoint(ref, self.model, state, source=source, classes=self.classes)
         self.last_checkpoint = ref.weights
 
     @contextlib.contextmanager
@@ -821,6 +848,15 @@ def validate(cfg: Config) -> EvalResult:
             pretrained=cfg.pretrained and not cfg.ckpt_path,
             checkpoint_path=cfg.ckpt_path or None,
         ).to(ctx.device)
+        trained = read_weights(cfg.ckpt_path).classes if cfg.ckpt_path else None
+        if trained is not None and trained != list(dataset.classes):
+            difference = data_mod.describe_class_difference(trained, dataset.classes, ("training", cfg.val_split))
+            _warn_on(ctx)(
+                f"{cfg.ckpt_path} was trained on classes that differ from those of split {cfg.val_split!r} "
+                f"({difference}). Labels "
+                "are positions in the sorted class names, so these metrics score the network against other classes "
+                "unless the folders were renamed in the same order"
+            )
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         net = CompiledOrEager(model, "validation", _warn_on(ctx)) if cfg.mode == 0 else model

@@ -8,8 +8,10 @@ bytes, not the extension.  Pickles are never executed: ``.pth`` goes through
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,19 @@ class Weights:
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # training state left out (moments.*, global_step...)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names a training run of ours recorded, in label order; None for any other file.
+
+        Labels are positions in the sorted class-folder names, so the same weights on a folder whose
+        names differ mean other classes; ``validate`` and resuming compare these with the data's."""
+        try:
+            names = json.loads(self.metadata["classes"])
+        except (KeyError, ValueError):
+            return None
+        valid = isinstance(names, list) and all(isinstance(n, str) for n in names)
+        return names if valid and len(names) == self.arch["num_classes"] else None
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -346,11 +361,18 @@ def _mindcv_native(state: dict[str, torch.Tensor], arch: dict[str, object]) -> d
     return state
 
 
-def save_weights(path: str | os.PathLike[str], model: nn.Module, fmt: str | None = None, source: str = "") -> Path:
+def save_weights(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    fmt: str | None = None,
+    source: str = "",
+    classes: Sequence[str] | None = None,
+) -> Path:
     """Write ``model``'s weights atomically; the format comes from ``fmt`` or the extension.
 
-    ``.safetensors`` records the architecture in its metadata.  ``.pth`` is a plain state dict (what
-    torchvision loads), so it refuses an architecture it cannot express.  ``.ckpt`` is for MindCV.
+    ``.safetensors`` records the architecture in its metadata, and the class names when given
+    (``Weights.classes``).  ``.pth`` is a plain state dict (what torchvision loads), so it refuses an
+    architecture it cannot express.  ``.ckpt`` is for MindCV.
     """
     path = Path(path)
     fmt = fmt or EXTENSIONS.get(path.suffix.lower())
@@ -362,6 +384,8 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module, fmt: str | None
         from safetensors.torch import save
 
         metadata = {"format": "shufflenetv2", "source": source, **{k: str(v) for k, v in arch.items()}}
+        if classes is not None:
+            metadata["classes"] = json.dumps(list(classes), ensure_ascii=False)
         with atomic_path(path) as tmp:  # bytes written by Python, so a full disk is a plain OSError
             tmp.write_bytes(save(state, metadata=metadata))
     elif fmt == "pth":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from shufflenetv2 import create_model, read_weights, save_weights
 from shufflenetv2.cli import main
@@ -106,6 +107,29 @@ def test_info_describes_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["info", str(tmp_path / "m.ckpt")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "ckpt" and info["model"] == "shufflenet_v2_x1_5" and info["num_classes"] == 12
+
+
+def test_class_names_are_kept_by_safetensors_shown_by_info_and_carried_by_convert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["ants", "bees", "café ☕"]  # label order; any Unicode
+    model = create_model("shufflenet_v2_x0_5", num_classes=3)
+    path = save_weights(tmp_path / "m.safetensors", model, classes=names)
+    assert read_weights(path).classes == names
+    assert main(["info", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"] == names and "classes" not in info["metadata"]
+    converted = tmp_path / "tv.safetensors"
+    assert main(["convert", str(path), str(converted), "--layout", "torchvision"]) == 0
+    assert read_weights(converted).classes == names
+    # no names where none were given, where a format cannot hold them, or where the record is not a list
+    # of num_classes strings (a file edited by hand): None, never an error
+    assert read_weights(save_weights(tmp_path / "plain.safetensors", model)).classes is None
+    assert read_weights(save_weights(tmp_path / "m.pth", model, classes=names)).classes is None
+    tensors = read_weights(path).tensors
+    for bad in ("not json", json.dumps(["ants", "bees"]), json.dumps([1, 2, 3]), json.dumps({"a": 1})):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "classes": bad})
+        assert read_weights(tmp_path / "bad.safetensors").classes is None, bad
 
 
 def test_info_on_the_mindcv_fixture(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,10 @@ import yaml
 
 from shufflenetv2 import read_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
-from shufflenetv2.engine import Trainer, train
+from shufflenetv2.engine import Trainer, TrainingError, train
 from shufflenetv2.interrupt import EXIT_INTERRUPTED, StopRequest, TrainingInterrupted
 
-from .test_train import final_weights, tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
+from .test_train import COLOURS, final_weights, tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,34 @@ def test_stop_saves_and_resume_is_exact(
     expected = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # one row per epoch, none repeated or lost
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in expected]
+
+
+def test_resuming_refuses_changed_class_folders_and_names_a_changed_image_count(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    cfg = tiny_config(data, out, epoch_size=1)
+    with pytest.raises(TrainingInterrupted):
+        StoppedAt(cfg, 3).run()  # a checkpoint inside the epoch, after batch 3 of 6
+    saved = list_checkpoints(out)
+    assert read_weights(saved[-1].weights).classes == sorted(COLOURS)  # the names, in label order
+
+    for split in ("train", "val"):  # "blue" renamed "teal": sorted, it now comes last and takes label 2
+        (data / split / "blue").rename(data / split / "teal")
+    with pytest.raises(TrainingError, match=r"only in the checkpoint's: blue; only in the data's: teal\)"):
+        train(dataclasses.replace(cfg, auto_resume=True))
+    assert list_checkpoints(out) == saved
+    for split in ("train", "val"):
+        (data / split / "teal").rename(data / split / "blue")
+
+    for i in range(2):  # two more training images: the rest of the epoch draws from another order
+        shutil.copy(data / "train" / "red" / f"{i}.png", data / "train" / "red" / f"copy{i}.png")
+    result = train(dataclasses.replace(cfg, auto_resume=True))
+    assert result.epochs == 1
+    log = (out / "train_rank0.log").read_text()
+    assert "warning: the training set has 50 images, and had 48 when" in log and "inside epoch 1" in log
 
 
 def test_stop_with_gradient_accumulation_waits_for_the_optimizer_step(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,13 +135,22 @@ def test_learns_the_tiny_task(tiny_data: Path, tmp_path: Path) -> None:
     assert result.last.count == 18
 
 
-def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path) -> None:
+def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     result = train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
     best = out / "shufflenet_v2_x0_5_best.safetensors"
     cfg = tiny_config(tiny_data, out, ckpt_path=str(best))
+    capsys.readouterr()
     reference = validate(cfg)
     assert reference.top1 == pytest.approx(result.last.top1) and reference.count == 18
+    assert "warning" not in capsys.readouterr().err
+    renamed = tmp_path / "renamed"  # the same images, one class folder renamed: its label moves
+    shutil.copytree(tiny_data / "val", renamed / "val")
+    (renamed / "val" / "blue").rename(renamed / "val" / "teal")
+    validate(dataclasses.replace(cfg, data_dir=str(renamed)))
+    assert "trained on classes that differ from those of split 'val' (only in training: blue; only in val: teal)" in (
+        capsys.readouterr().err
+    )
     from shufflenetv2 import create_model
 
     model = create_model("shufflenet_v2_x0_5", num_classes=3, checkpoint_path=best)
