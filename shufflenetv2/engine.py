@@ -478,7 +478,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "rng": [entry[0] for entry in per_rank],
             "config": dataclasses.asdict(self.cfg),
-            "classes": list(self.train_set.classes),  # what the labels mean; a resumed run must agree
+            "classes": self.classes,  # what the labels mean; a resumed run must agree
             "train_images": len(self.train_set),
         }
 
