@@ -8,6 +8,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -147,13 +148,19 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error("--batch applies to --aot packages only: .onnx and .pt2 exports take any batch")
     if args.runtime != "onnxruntime" and dst.suffix != ".onnx":
         raise ShuffleNetV2Error(f"--runtime applies to .onnx exports only, not to {dst.name}")
+    classes = weights.classes
     if dst.suffix == ".onnx":  # the zero-channel padding is for ONNX Runtime's blocked layout only
-        export_onnx(fuse_for_onnx(model, pad=args.runtime == "onnxruntime"), dst, args.input_size, args.opset)
+        if classes is not None and importlib.util.find_spec("onnx") is None:
+            print(f"note: {args.src} names its classes, but writing them into an .onnx file needs the onnx package")
+            classes = None
+        fused = fuse_for_onnx(model, pad=args.runtime == "onnxruntime")
+        export_onnx(fused, dst, args.input_size, args.opset, classes=classes)
     elif dst.suffix == ".pt2":
-        export_program(fuse(model, channels_last=False), dst, args.input_size)
+        export_program(fuse(model, channels_last=False), dst, args.input_size, classes=classes)
     else:
         raise ShuffleNetV2Error(f"cannot export to {dst.name}: name it .onnx (ONNX) or .pt2 (torch.export program)")
-    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch")
+    named = f", the names of its {len(classes)} classes in its metadata" if classes is not None else ""
+    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch{named}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import MindCVBlock, ShuffleNetV2
+
+CLASSES_KEY = "classes"  # where exports keep the names of the logits
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -347,11 +350,20 @@ def _example(model: nn.Module, input_size: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, getattr(model, "in_channels", 3), input_size, input_size)
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_size: int = 224, opset: int = 17) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: int = 224,
+    opset: int = 17,
+    classes: Sequence[str] | None = None,
+) -> Path:
     """``model`` (fused or not) as ONNX with a dynamic batch dimension; input ``images``, output ``logits``.
 
     Uses torch's TorchScript-based exporter, which needs no extra package and exists in every torch
     this project supports (the newer dynamo exporter needs onnxscript); its deprecation notice is muted.
+    ``classes`` (the names of the logits, in order) go into the model's metadata as a JSON list under
+    ``classes``, which ONNX Runtime returns in ``session.get_modelmeta().custom_metadata_map``; writing
+    them needs the ``onnx`` package.
     """
     path = Path(path)
     model = model.eval()
@@ -361,15 +373,26 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int = 224, opset
             model, (_example(model, input_size, 1),), str(path), opset_version=opset, input_names=["images"],
             output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
+    if classes is not None:
+        import onnx
+
+        graph = onnx.load(str(path))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = CLASSES_KEY, json.dumps(list(classes), ensure_ascii=False)
+        onnx.save(graph, str(path))
     return path
 
 
-def export_program(model: nn.Module, path: str | Path, input_size: int = 224) -> Path:
+def export_program(
+    model: nn.Module, path: str | Path, input_size: int = 224, classes: Sequence[str] | None = None
+) -> Path:
     """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
-    ``torch.export.load(path).module()`` and runs without this package."""
+    ``torch.export.load(path).module()`` and runs without this package.  ``classes`` go in as the extra
+    file ``classes.json``: ``torch.export.load(path, extra_files={"classes.json": ""})`` fills it in."""
     path = Path(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
+    extra = {f"{CLASSES_KEY}.json": json.dumps(list(classes), ensure_ascii=False)} if classes is not None else None
+    torch.export.save(program, str(path), extra_files=extra)
     return path

@@ -213,22 +213,26 @@ def test_onnx_stem_pool_is_one_same_upper_maxpool_at_even_and_odd_sizes(size: in
 def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
-    src = save_weights(tmp_path / "w.safetensors", model)
+    names = [f"class {i} ✓" for i in range(1000)]  # what a training run records in its weights
+    src = save_weights(tmp_path / "w.safetensors", model, classes=names)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)
     assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
+    assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == names
     onnx = pytest.importorskip("onnx")  # the Python route writes the same graph as the command
     m, py = tmp_path / "m.onnx", snv2.export_onnx(snv2.fuse_for_onnx(model), tmp_path / "py.onnx")
     command, python = (sorted(list(i.dims) for i in onnx.load(str(p)).graph.initializer) for p in (m, py))
     assert command == python
     assert [32, 3, 3, 3] in command  # the stem, padded for ORT's blocked max-pool
     assert main(["export", str(src), str(tmp_path / "m.pt2")]) == 0
-    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    extra = {"classes.json": ""}
+    program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra).module()
     with torch.no_grad():
         assert (program(x) - expected).abs().max() < 1e-4
+    assert json.loads(extra["classes.json"]) == names
     assert main(["export", str(src), str(tmp_path / "m.tflite")]) == 2
     # for OpenVINO: the same routed graph without ONNX Runtime's zero channels
     assert main(["export", str(src), str(tmp_path / "ov.onnx"), "--runtime", "openvino"]) == 0
