@@ -1,4 +1,4 @@
-"""The shufflenetv2 command: train, validate, summary, info, convert, export, bench and demo.
+"""The shufflenetv2 command: train, validate, predict, summary, info, convert, export, bench and demo.
 
 Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; a training
 run stopped by SIGTERM/SIGINT after saving exits with 75 (``EXIT_INTERRUPTED``); anything else is a bug
@@ -8,6 +8,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import config
-from .errors import ShuffleNetV2Error
+from .errors import DataError, ShuffleNetV2Error
 from .factory import create_model
 from .interrupt import EXIT_INTERRUPTED, TrainingInterrupted
 from .model import LAYOUTS, WIDTHS, build_network
@@ -164,8 +165,6 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from .bench import CPU_ONLY_KINDS, benchmark, expand_backends, machine_record, write_results
     from .host_memory import keep_freed_memory
 
@@ -264,6 +263,27 @@ def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
         )
 
 
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import image_files, predict
+
+    cfg = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else None
+    images = image_files(args.images)
+    if not images:
+        raise ShuffleNetV2Error(f"no image files in {' '.join(args.images)}")
+    failed = []
+    for result in predict(args.weights, images, cfg, top=args.top):
+        if isinstance(result, DataError):
+            failed.append(str(result))
+            print(f"error: {result}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(dataclasses.asdict(result), ensure_ascii=False))
+        else:
+            best = ", ".join(f"{n} {p:.3f}" for n, p in zip(result.classes, result.probabilities, strict=True))
+            print(f"{result.path}: {best}")
+    if failed:
+        raise ShuffleNetV2Error(f"{len(failed)} of {len(images)} images could not be read (named above)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -281,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="top-1/top-5/loss of a checkpoint on the validation split")
     config.add_config_arguments(p)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("predict", help="classify image files: the top classes and their probabilities")
+    p.add_argument("weights", help="a weight file (.safetensors, MindCV .ckpt, .pth)")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument(
+        "-c", "--config", help="the training config whose evaluation transform to use (default: 224 px, crop 0.875)"
+    )
+    p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line of text")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="parameters, MACs and a layer table of a model")
     p.add_argument("model", choices=list(WIDTHS))

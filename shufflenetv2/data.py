@@ -338,7 +338,8 @@ class ImageFolderDataset(Dataset):
         return lambda: sample
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """An image file by its extension (any case), and not hidden."""
     dot = name.rfind(".")
     return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
 
@@ -349,7 +350,7 @@ def _index_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
     extensions = " ".join(sorted(IMAGE_EXTENSIONS))
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        loose = sum(1 for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        loose = sum(1 for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
         found = f" It holds {loose} image files directly; move them into per-class folders." if loose else ""
         raise DataError(
             f"{root} has no class folders. An image-folder split needs one sub-folder per class, "
@@ -369,7 +370,7 @@ def _index_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
             visited.add((stat.st_dev, stat.st_ino))
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             prefix = os.path.join(dirpath, "")
-            files += [prefix + f for f in filenames if _is_image(f)]
+            files += [prefix + f for f in filenames if is_image_name(f)]
         if not files:
             empty.append(name)
         files.sort()
