@@ -395,6 +395,13 @@ class Trainer:
             dropped = cfg.drop_classifier and weights.arch["num_classes"] != cfg.num_classes
             fresh = f" ({weights.arch['num_classes']} classes), with a new {cfg.num_classes}-class classifier"
             self.log.info(f"loaded weights from {source}{fresh if dropped else ''}")
+            trained = weights.classes
+            if not cfg.resume_opt and not dropped and trained is not None and trained != self.classes:
+                difference = data_mod.describe_class_difference(trained, self.classes, ("the weights'", "the data's"))
+                self.log.info(
+                    f"note: {source} was trained on other classes ({difference}); this run starts each of its "
+                    "classes from the classifier row of the same position"
+                )
             if not cfg.resume_opt:
                 return False
             ref = beside

@@ -172,6 +172,12 @@ def test_drop_classifier_fine_tunes_a_checkpoint_with_another_class_count(tiny_d
     assert loaded["classifier.weight"].shape == (3, 1024)
     log = (tmp_path / "tuned" / "train_rank0.log").read_text()
     assert f"loaded weights from {path} (10 classes), with a new 3-class classifier" in log
+    assert "note:" not in log  # a new classifier: nothing to say about the old one's classes
+    # 3 classes of other names: fine-tuning keeps the classifier, and the log says whose rows it takes
+    named = save_weights(tmp_path / "named.safetensors", create_model("shufflenet_v2_x0_5", 3), classes=["a", "b", "c"])
+    Trainer(tiny_config(tiny_data, tmp_path / "renamed", ckpt_path=str(named)))
+    log = (tmp_path / "renamed" / "train_rank0.log").read_text()
+    assert "note: " in log and "only in the weights': a, b, c; only in the data's: blue, green, red" in log
 
 
 def test_validate_never_runs_on_random_weights(tiny_data: Path, tmp_path: Path) -> None:
