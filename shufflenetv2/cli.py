@@ -266,6 +266,8 @@ def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .predict import image_files, predict
 
+    if args.top < 1:
+        raise ShuffleNetV2Error(f"--top must be at least 1, got {args.top}")
     cfg = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else None
     images = image_files(args.images)
     if not images:

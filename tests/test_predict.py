@@ -75,3 +75,5 @@ def test_predict_names_classes_by_index_without_names_and_reports_unreadable_fil
     assert "no image files in" in capsys.readouterr().err
     assert main(["predict", str(weights), str(tmp_path / "missing.jpg")]) == 2
     assert "cannot read image" in capsys.readouterr().err
+    assert main(["predict", str(weights), str(photos), "--top", "0"]) == 2
+    assert "--top must be at least 1, got 0" in capsys.readouterr().err
