@@ -20,7 +20,7 @@ import torch
 
 from . import config
 from .errors import DataError, ShuffleNetV2Error
-from .factory import create_model
+from .factory import create_model, model_from_weights
 from .interrupt import EXIT_INTERRUPTED, TrainingInterrupted
 from .model import LAYOUTS, WIDTHS, build_network
 from .summary import format_summary, summarize
@@ -65,19 +65,10 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         )
     layout = args.layout or source.layout
     num_classes, in_channels = source.arch["num_classes"], source.arch["in_channels"]
-    model = create_model(
-        str(name),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        checkpoint_path=args.src,
-        layout=layout,
-        ema=args.ema,
-    )
+    model = model_from_weights(source, str(name), num_classes, in_channels, layout=layout)
     original = model
     if layout != source.layout:
-        original = create_model(
-            str(name), num_classes, in_channels, checkpoint_path=args.src, layout=source.layout, ema=args.ema
-        )
+        original = model_from_weights(source, str(name), num_classes, in_channels, layout=source.layout)
     dst = save_weights(
         args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}", classes=source.classes
     )
@@ -133,10 +124,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     name = args.model or weights.arch["model"]
     if name is None:
         raise ShuffleNetV2Error(f"{args.src}: its tensors fit no ShuffleNetV2 width; pass --model")
-    model = create_model(
-        str(name), weights.arch["num_classes"], weights.arch["in_channels"], checkpoint_path=args.src,
-        layout=weights.layout,
-    )  # fmt: skip
+    model = model_from_weights(
+        weights, str(name), weights.arch["num_classes"], weights.arch["in_channels"], layout=weights.layout
+    )
     dst = Path(args.dst)
     if args.aot:
         from .package import compile_package

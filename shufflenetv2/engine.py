@@ -31,7 +31,7 @@ from .compiling import CompiledOrEager, cxx_compiler_missing
 from .config import Config, ConfigError, to_yaml
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
-from .factory import create_model
+from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
@@ -848,14 +848,13 @@ def validate(cfg: Config) -> EvalResult:
     ctx = dist.setup(cfg)
     try:
         dataset = data_mod.build_dataset(cfg, cfg.val_split, train=False)
-        model = create_model(
-            cfg.model,
-            num_classes=cfg.num_classes,
-            in_channels=cfg.in_channels,
-            pretrained=cfg.pretrained and not cfg.ckpt_path,
-            checkpoint_path=cfg.ckpt_path or None,
-        ).to(ctx.device)
-        trained = read_weights(cfg.ckpt_path).classes if cfg.ckpt_path else None
+        weights = read_weights(cfg.ckpt_path) if cfg.ckpt_path else None
+        if weights is None:
+            model = create_model(cfg.model, cfg.num_classes, cfg.in_channels, pretrained=cfg.pretrained)
+        else:
+            model = model_from_weights(weights, cfg.model, cfg.num_classes, cfg.in_channels)
+        model = model.to(ctx.device)
+        trained = weights.classes if weights is not None else None
         if trained is not None and trained != list(dataset.classes):
             difference = data_mod.describe_class_difference(trained, dataset.classes, ("training", cfg.val_split))
             _warn_on(ctx)(

@@ -55,7 +55,23 @@ def create_model(
         weights = read_weights(checkpoint_path, ema=ema)
     if weights is None:
         return build_network(name, num_classes, in_channels, layout, **kwargs)  # type: ignore[arg-type]
+    drop = pretrained if drop_classifier is None else drop_classifier
+    return model_from_weights(weights, name, num_classes, in_channels, layout=layout, drop_classifier=drop, **kwargs)
+
+
+def model_from_weights(
+    weights: Weights,
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    *,
+    layout: str = "mindcv",
+    drop_classifier: bool = False,
+    **kwargs: object,
+) -> nn.Module:
+    """``create_model`` for weights already read: a caller that also reads the file's metadata (its
+    class names, its architecture) need not read the file twice."""
     arch = {**_file_architecture(weights, layout), **kwargs}
     model = build_network(name, num_classes, in_channels, layout, **arch)  # type: ignore[arg-type]
-    load_weights(model, weights, drop_classifier=pretrained if drop_classifier is None else drop_classifier)
+    load_weights(model, weights, drop_classifier=drop_classifier)
     return model

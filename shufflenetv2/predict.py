@@ -17,7 +17,7 @@ import torch
 from .config import Config
 from .data import build_transform, is_image_name, load_image
 from .errors import CheckpointError, DataError
-from .factory import create_model
+from .factory import model_from_weights
 from .weights import read_weights
 
 
@@ -60,7 +60,7 @@ def predict(
         raise CheckpointError(
             f"{weights_path} takes {weights.arch['in_channels']}-channel inputs; predict reads images as RGB"
         )
-    model = create_model(str(name), num_classes, checkpoint_path=weights_path, layout=weights.layout).eval()
+    model = model_from_weights(weights, str(name), num_classes, layout=weights.layout).eval()
     names = weights.classes or [str(i) for i in range(num_classes)]
     transform = build_transform(cfg, train=False)
     k = min(top, num_classes)
