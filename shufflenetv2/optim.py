@@ -143,9 +143,10 @@ def lr_batch_note(cfg: Config, world_size: int, batches_per_epoch: int) -> str |
     """
     tuned, accum = cfg.lr_global_batch, cfg.gradient_accumulation_steps
     per_batch = cfg.batch_size * world_size
-    if tuned is None or per_batch * accum == tuned:
+    per_step = per_batch * accum
+    if tuned is None or per_step == tuned:
         return None
-    ratio = per_batch * accum / tuned
+    ratio = per_step / tuned
     ways = []
     if tuned % per_batch == 0 and tuned // per_batch <= batches_per_epoch:  # an epoch must hold one step
         ways.append(f"--gradient_accumulation_steps {tuned // per_batch} (its {tuned} images per step)")
@@ -154,7 +155,7 @@ def lr_batch_note(cfg: Config, world_size: int, batches_per_epoch: int) -> str |
     accumulated = f" x {accum} accumulated" if accum > 1 else ""
     return (
         f"note: lr {cfg.lr:g} was tuned for {tuned} images per optimizer step (lr_global_batch), and this run "
-        f"takes {per_batch * accum} ({cfg.batch_size} per device x {world_size} device{'s' if world_size > 1 else ''}"
+        f"takes {per_step} ({cfg.batch_size} per device x {world_size} device{'s' if world_size > 1 else ''}"
         f"{accumulated}). To follow the "
         f"recipe: {', or '.join(ways)}"
     )
