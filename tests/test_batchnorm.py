@@ -443,5 +443,7 @@ def test_network_training_with_kernels_equals_plain_batchnorm(name: str) -> None
     # every BatchNorm but the stem's (pooling-first, statistics through the kernel) ran in the kernel
     assert len(fused) == 2 * (3 * blocks + 2 * 3 + 1) and all(kernel for kernel, _ in fused)
     assert sum(relu for _, relu in fused) == 2 * (2 * blocks + 3 + 1)
+    # Two steps at lr 0.1 on batches of 2 amplify float64 rounding (the sums run in another order) to about
+    # 2e-10 on an AMD EPYC with AVX2 (5e-10 relative), less on AVX-512; an error in the kernels is far larger
     for (key, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=key)
