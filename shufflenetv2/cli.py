@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -410,6 +411,22 @@ def _user_message(exc: ShuffleNetV2Error) -> str:
     return text
 
 
+def hide_cuda_home_warning() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." from a machine without a GPU.
+
+    A CUDA build of torch logs it when inductor first imports ``torch.utils.cpp_extension`` (the first
+    compiled validation of a CPU run), though nothing of ours uses CUDA there: on a CPU-only machine it
+    reads as a fault.  Only that message of that logger is filtered, and only while CUDA is absent."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeFilter) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeFilter())
+
+
+class _NoCudaRuntimeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("No CUDA runtime is found") and not torch.cuda.is_available())
+
+
 def _unknown_options(unknown: list[str]) -> str:
     """One line per unknown ``--flag``, with the config key it was probably meant to be."""
     flags = [u for u in unknown if u.startswith("--")] or unknown
@@ -417,6 +434,7 @@ def _unknown_options(unknown: list[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hide_cuda_home_warning()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
