@@ -259,7 +259,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     if args.top < 1:
         raise ShuffleNetV2Error(f"--top must be at least 1, got {args.top}")
-    cfg = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else None
+    cfg = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else config.Config()
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
     images = image_files(args.images)
     if not images:
         raise ShuffleNetV2Error(f"no image files in {' '.join(args.images)}")
@@ -299,10 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="a weight file (.safetensors, MindCV .ckpt, .pth)")
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument(
-        "-c", "--config", help="the training config whose evaluation transform to use (default: 224 px, crop 0.875)"
-    )
+        "-c", "--config",
+        help="the training config whose evaluation transform, batch_size and num_parallel_workers to use "
+        "(default: MindCV's, 224 px, crop 0.875, batches of 32)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line of text")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="where the network runs (default: the config's, auto)"
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="parameters, MACs and a layer table of a model")

@@ -305,20 +305,20 @@ class SampleTable(Sequence[tuple[str, int]]):
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<class>/**/<image>``: classes sorted by folder name, samples in sorted path order.
+class ImageFilesDataset(Dataset):
+    """Image files with their labels, decoded through ``load_image`` (or the fast pipeline's own reader),
+    so every unreadable file is a ``DataError`` that names it.  Returns ``(transform(image), label)``.
 
-    Our own (not torchvision's ImageFolder) so that decoding goes through ``load_image`` and every
-    layout problem is a ``DataError`` that says what to fix.  Returns ``(transform(image), label)``.
-    """
+    ``predict`` labels each file with its position: the labels of a loader batch then say which of its
+    files were read."""
 
-    def __init__(self, root: str | os.PathLike[str], transform: Callable[[Tensor], Any] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(
+        self, paths: Sequence[str], labels: Sequence[int], transform: Callable[[Tensor], Any] | None = None
+    ) -> None:
         self.transform = transform
-        self.classes, paths, self.targets = _index_folder(self.root)
-        self.samples = SampleTable(paths, self.targets)
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.source = str(self.root)
+        self.targets = labels
+        self.samples = SampleTable(paths, labels)
+        self.source = ""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -336,6 +336,21 @@ class ImageFolderDataset(Dataset):
         image = load_image(path)
         sample = (self.transform(image) if self.transform is not None else image), label
         return lambda: sample
+
+
+class ImageFolderDataset(ImageFilesDataset):
+    """``root/<class>/**/<image>``: classes sorted by folder name, samples in sorted path order.
+
+    Our own (not torchvision's ImageFolder) so that decoding goes through ``load_image`` and every
+    layout problem is a ``DataError`` that says what to fix.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], transform: Callable[[Tensor], Any] | None = None) -> None:
+        self.root = Path(root)
+        self.classes, paths, targets = _index_folder(self.root)
+        super().__init__(paths, targets, transform)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.source = str(self.root)
 
 
 def is_image_name(name: str) -> bool:
@@ -645,6 +660,18 @@ def export_digits(root: str | os.PathLike[str]) -> Path:
 # --- the entry point -------------------------------------------------------------------------------
 
 
+def sample_transform(cfg: Config, train: bool) -> Any:
+    """What a loader worker does to one file: the whole per-image transform, or the fast pipeline's
+    worker half (decoding and cropping to uint8), or with ``decode_on_device`` only reading the bytes."""
+    from . import device_input, pipeline  # both build on this module
+
+    if not pipeline.uses_fast_pipeline(cfg):
+        return build_transform(cfg, train)
+    if cfg.decode_on_device:
+        return device_input.build_sample_transform(cfg, train)
+    return pipeline.build_sample_transform(cfg, train)
+
+
 def build_dataset(cfg: Config, split: str, train: bool, *, subset: bool | None = None) -> Dataset:
     """The ``split`` of ``cfg.dataset`` with ``build_transform(cfg, train)`` applied to every image.
 
@@ -652,14 +679,7 @@ def build_dataset(cfg: Config, split: str, train: bool, *, subset: bool | None =
     ``cfg.num_samples`` keeps a seeded, class-balanced subset; like MindCV's train.py it applies to
     training data only unless ``subset`` says otherwise (``subset=True`` for a quick validation).
     """
-    from . import device_input, pipeline  # both build on this module
-
-    if not pipeline.uses_fast_pipeline(cfg):
-        transform: Any = build_transform(cfg, train)
-    elif cfg.decode_on_device:
-        transform = device_input.build_sample_transform(cfg, train)
-    else:
-        transform = pipeline.build_sample_transform(cfg, train)
+    transform = sample_transform(cfg, train)
     if cfg.dataset in FOLDER_DATASETS:
         ds: Any = ImageFolderDataset(_split_dir(cfg.data_dir, split, cfg.dataset), transform)
     elif cfg.dataset == "digits":

@@ -8,6 +8,7 @@ that carry none (MindCV's ``.ckpt``, torchvision's state dicts).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .data import build_transform, is_image_name, load_image
+from .data import ImageFilesDataset, build_loader, is_image_name, sample_transform, stop_workers
+from .deploy import fuse
+from .device_input import DeviceInput
+from .distributed import pick_device
 from .errors import CheckpointError, DataError
 from .factory import model_from_weights
 from .weights import read_weights
@@ -47,10 +51,15 @@ def predict(
     images: Sequence[str | os.PathLike[str]],
     cfg: Config | None = None,
     top: int = 5,
-    batch_size: int = 32,
 ) -> Iterator[Prediction | DataError]:
-    """One ``Prediction`` per image, in order, or the ``DataError`` saying why an image could not be read;
-    ``cfg`` gives the transform (MindCV's defaults: 224 px, crop_pct 0.875)."""
+    """One ``Prediction`` per image, in order, or the ``DataError`` saying why an image could not be read.
+
+    ``cfg`` gives the evaluation transform (MindCV's defaults: 224 px, crop_pct 0.875), ``batch_size``,
+    ``num_parallel_workers`` and the input pipeline: images reach the network exactly as they reach it
+    in ``validate.py``, through the same loader and the same decoding.  The network is ``fuse(model)``
+    (BatchNorm and the channel shuffle folded into the convolutions), float32, on ``cfg.device`` (auto:
+    CUDA when there is one): its probabilities are the evaluation model's to float32 rounding.
+    """
     cfg = cfg or Config()
     weights = read_weights(weights_path)
     name, num_classes = weights.arch["model"], int(weights.arch["num_classes"])
@@ -60,28 +69,50 @@ def predict(
         raise CheckpointError(
             f"{weights_path} takes {weights.arch['in_channels']}-channel inputs; predict reads images as RGB"
         )
+    device = pick_device(cfg.device)
     model = model_from_weights(weights, str(name), num_classes, layout=weights.layout).eval()
+    network = fuse(model, channels_last=cfg.channels_last).to(device)
     names = weights.classes or [str(i) for i in range(num_classes)]
-    transform = build_transform(cfg, train=False)
+    paths = [str(path) for path in images]
+    if len(paths) <= cfg.batch_size:  # one batch: starting workers would take longer than reading it
+        cfg = dataclasses.replace(cfg, num_parallel_workers=0)
+    dataset = ImageFilesDataset(paths, range(len(paths)), sample_transform(cfg, train=False))
+    loader = build_loader(cfg, dataset, train=False)
+    inputs = DeviceInput(cfg, train=False, device=device)
     k = min(top, num_classes)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        loaded: list[torch.Tensor | DataError] = []
-        for path in chunk:
-            try:
-                loaded.append(transform(load_image(path)))
-            except DataError as exc:
-                loaded.append(exc)
-        readable = [t for t in loaded if isinstance(t, torch.Tensor)]
-        if readable:
-            with torch.no_grad():
-                probabilities = model(torch.stack(readable)).float().softmax(dim=1)
-            best = probabilities.topk(k, dim=1)
-        row = 0
-        for path, item in zip(chunk, loaded, strict=True):
-            if isinstance(item, DataError):
-                yield item
-                continue
-            indices = best.indices[row].tolist()
-            yield Prediction(str(path), [names[i] for i in indices], indices, best.values[row].tolist())
-            row += 1
+    start = 0
+    try:
+        for batch in loader:
+            pixels, positions, reasons = inputs(batch)
+            read: dict[int, tuple[list[int], list[float]]] = {}
+            if pixels is not None:
+                with torch.no_grad():
+                    best = network(pixels).float().softmax(dim=1).topk(k, dim=1)
+                ranked = zip(best.indices.tolist(), best.values.tolist(), strict=True)
+                read = dict(zip(positions.tolist(), ranked, strict=True))
+            stop = min(start + cfg.batch_size, len(paths))
+            unread = _match_reasons([paths[i] for i in range(start, stop) if i not in read], reasons)
+            for i in range(start, stop):
+                if i in read:
+                    indices, probabilities = read[i]
+                    yield Prediction(paths[i], [names[j] for j in indices], indices, probabilities)
+                else:
+                    yield DataError(unread[paths[i]])
+            start = stop
+    finally:
+        stop_workers(loader)
+
+
+def _match_reasons(paths: list[str], reasons: Sequence[str]) -> dict[str, str]:
+    """Each unread path's reason: the one that names it, or else the next one left (workers report
+    their failures in batch order, a device decoder after them)."""
+    left = list(reasons)
+    matched: dict[str, str] = {}
+    for path in paths:
+        naming = next((r for r in left if path in r), left[0] if left else None)
+        if naming is None:
+            matched[path] = f"cannot read image {path}"
+        else:
+            left.remove(naming)
+            matched[path] = naming
+    return matched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from shufflenetv2 import create_model, save_weights
 from shufflenetv2.cli import main
 from shufflenetv2.config import Config
 from shufflenetv2.data import build_transform, load_image
+from shufflenetv2.errors import DataError
+from shufflenetv2.predict import _match_reasons, predict
 
 from .conftest import calibrated
 
@@ -77,3 +80,56 @@ def test_predict_names_classes_by_index_without_names_and_reports_unreadable_fil
     assert "cannot read image" in capsys.readouterr().err
     assert main(["predict", str(weights), str(photos), "--top", "0"]) == 2
     assert "--top must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_predict_through_loader_workers_keeps_each_result_at_its_files_place(tmp_path: Path) -> None:
+    """Batches of 3 over 2 workers, unreadable files in the middle: every result lands at its file's
+    position, the errors name their files, and the probabilities are those of one image at a time
+    through the evaluation model (predict runs the fused one)."""
+    g = torch.Generator().manual_seed(5)
+    paths = []
+    for i in range(9):
+        path = tmp_path / "photos" / (f"{i}.png" if i % 3 == 0 else f"{i}.jpg")
+        path.parent.mkdir(exist_ok=True)
+        if i in (2, 6):
+            path.write_bytes(b"\xff\xd8\xff not a whole JPEG" if i == 2 else b"garbage")
+        else:
+            size = (30 + 7 * i, 50 - 2 * i, 3)
+            Image.fromarray(torch.randint(0, 256, size, generator=g, dtype=torch.uint8).numpy()).save(path)
+        paths.append(path)
+    model = calibrated(create_model("shufflenet_v2_x0_5", num_classes=4), seed=2)
+    weights = save_weights(tmp_path / "w.safetensors", model, classes=NAMES)
+    cfg = Config(image_resize=32, crop_pct=0.875, batch_size=3, num_parallel_workers=2, device="cpu")
+    results = list(predict(weights, paths, cfg, top=4))
+    assert [type(r).__name__ for r in results] == ["Prediction"] * 2 + ["DataError"] + ["Prediction"] * 3 + [
+        "DataError"
+    ] + ["Prediction"] * 2
+    for path, result in zip(paths, results, strict=True):
+        if isinstance(result, DataError):
+            assert str(path) in str(result)
+            continue
+        assert result.path == str(path)
+        expected = expected_probabilities(model, path, cfg)
+        assert result.indices == expected.argsort(descending=True).tolist()
+        assert result.probabilities == pytest.approx(expected[result.indices].tolist(), abs=1e-5)
+    alone = list(predict(weights, paths, dataclasses.replace(cfg, num_parallel_workers=0), top=4))
+    assert [getattr(r, "probabilities", str(r)) for r in alone] == [
+        getattr(r, "probabilities", str(r)) for r in results
+    ]
+
+
+def test_predict_reasons_go_to_the_files_they_name() -> None:
+    reasons = ["cannot read image /d/b.jpg: truncated", "nvjpeg could not decode /d/a.jpg"]
+    assert _match_reasons(["/d/a.jpg", "/d/b.jpg"], reasons) == {"/d/a.jpg": reasons[1], "/d/b.jpg": reasons[0]}
+    assert _match_reasons(["/d/c.jpg"], ["an error naming no file"]) == {"/d/c.jpg": "an error naming no file"}
+    assert _match_reasons(["/d/c.jpg"], []) == {"/d/c.jpg": "cannot read image /d/c.jpg"}
+
+
+def test_predict_device_cuda_without_a_gpu_is_a_clear_error(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    weights = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=4))
+    assert main(["predict", str(weights), str(photos), "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
