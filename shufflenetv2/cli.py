@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("predict", help="classify image files: the top classes and their probabilities")
-    p.add_argument("weights", help="a weight file (.safetensors, MindCV .ckpt, .pth)")
+    p.add_argument("weights", help="a weight file (.safetensors, MindCV .ckpt, .pth) or an exported .onnx file")
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument(
         "-c", "--config",
@@ -460,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C in training (the user chose not to wait), or one elsewhere
         print("\ninterrupted; nothing more was saved", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): stop too, without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit fails no more
+        return 128 + signal.SIGPIPE
     return 0
 
 

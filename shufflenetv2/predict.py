@@ -1,23 +1,29 @@
-"""Classify image files with a weight file: the first thing people run on weights they trained or downloaded.
+"""Classify image files with a weight file: the first thing people run on weights they trained or downloaded,
+and on the ``.onnx`` file they export for deployment.
 
 Images go through the evaluation transform of a config (resize to ``image_resize / crop_pct``, centre
 crop, MindCV's normalisation), so a prediction sees what ``validate.py`` sees.  Classes are named by
-the names a training run recorded in the weights (``Weights.classes``), or by their index for files
-that carry none (MindCV's ``.ckpt``, torchvision's state dicts).
+the names a training run recorded in the weights (``Weights.classes``) or an export wrote into its
+ONNX metadata, or by their index for files that carry none (MindCV's ``.ckpt``, torchvision's state
+dicts).  ``.pt2`` programs are refused: ``torch.export.load`` unpickles parts of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import ImageFilesDataset, build_loader, is_image_name, sample_transform, stop_workers
-from .deploy import fuse
+from .deploy import CLASSES_KEY, fuse
 from .device_input import DeviceInput
 from .distributed import pick_device
 from .errors import CheckpointError, DataError
@@ -46,6 +52,74 @@ class Prediction:
     probabilities: list[float]
 
 
+@dataclass
+class Network:
+    """What ``predict`` runs: float images (N, 3, H, W) on ``device`` to logits, with the logits' names."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    names: list[str]
+    device: torch.device
+
+
+def load_network(path: str | os.PathLike[str], cfg: Config) -> Network:
+    """A weight file as ``fuse(model)`` on ``cfg.device``, or an exported ``.onnx`` file in ONNX Runtime."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".onnx":
+        return _onnx_network(Path(path), cfg)
+    if suffix == ".pt2":
+        raise CheckpointError(
+            f"{path}: predict does not load .pt2 files, because torch.export.load unpickles parts of them and "
+            "unpickling can run code. Predict with the weight file it was exported from, or export that to .onnx"
+        )
+    weights = read_weights(path)
+    name, num_classes = weights.arch["model"], int(weights.arch["num_classes"])
+    if name is None:
+        raise CheckpointError(f"{path}: its tensors fit no ShuffleNetV2 width")
+    if weights.arch["in_channels"] != 3:
+        raise CheckpointError(f"{path} takes {weights.arch['in_channels']}-channel inputs; predict reads images as RGB")
+    device = pick_device(cfg.device)
+    model = model_from_weights(weights, str(name), num_classes, layout=weights.layout).eval()
+    network = fuse(model, channels_last=cfg.channels_last).to(device)
+    return Network(network, weights.classes or [str(i) for i in range(num_classes)], device)
+
+
+def _onnx_network(path: Path, cfg: Config) -> Network:
+    """``shufflenetv2 export``'s ONNX file (or any classifier taking (N, 3, H, W) float32) on the CPU,
+    named by the class names that export wrote into its metadata."""
+    if cfg.device == "cuda":
+        raise ConfigError(f"predict runs {path.name} in ONNX Runtime on the CPU: pass --device cpu (or auto)")
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise CheckpointError(f"predicting with {path.name} needs ONNX Runtime: pip install 'shufflenetv2[onnx]'")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    from .bench import onnx_session
+
+    try:
+        session: Any = onnx_session(path, torch.get_num_threads())
+    except Exception as exc:  # ORT raises its own Fail / InvalidProtobuf types
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({exc}); export it again") from None
+    image, output = session.get_inputs()[0], session.get_outputs()[0]
+    side = image.shape[2:]
+    if any(isinstance(d, int) and d != cfg.image_resize for d in side):
+        raise ConfigError(
+            f"{path.name} takes {side[0]} x {side[1]} images and the config crops to {cfg.image_resize} px: "
+            f"pass a config (-c) whose image_resize is {side[0]}, or export again with --input-size {cfg.image_resize}"
+        )
+    count = output.shape[1]
+    if not isinstance(count, int):
+        raise CheckpointError(f"{path}: its output has no fixed number of classes, so predict cannot name them")
+    try:
+        names = json.loads(session.get_modelmeta().custom_metadata_map[CLASSES_KEY])
+    except (KeyError, ValueError):
+        names = None
+    valid = isinstance(names, list) and len(names) == count and all(isinstance(n, str) for n in names)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {image.name: images.contiguous().numpy()})[0])
+
+    return Network(run, names if valid else [str(i) for i in range(count)], torch.device("cpu"))
+
+
 def predict(
     weights_path: str | os.PathLike[str],
     images: Sequence[str | os.PathLike[str]],
@@ -56,30 +130,20 @@ def predict(
 
     ``cfg`` gives the evaluation transform (MindCV's defaults: 224 px, crop_pct 0.875), ``batch_size``,
     ``num_parallel_workers`` and the input pipeline: images reach the network exactly as they reach it
-    in ``validate.py``, through the same loader and the same decoding.  The network is ``fuse(model)``
-    (BatchNorm and the channel shuffle folded into the convolutions), float32, on ``cfg.device`` (auto:
-    CUDA when there is one): its probabilities are the evaluation model's to float32 rounding.
+    in ``validate.py``, through the same loader and the same decoding.  A weight file runs as
+    ``fuse(model)`` (BatchNorm and the channel shuffle folded into the convolutions), float32, on
+    ``cfg.device`` (auto: CUDA when there is one): its probabilities are the evaluation model's to float32
+    rounding.  An ``.onnx`` file from ``shufflenetv2 export`` runs in ONNX Runtime on the CPU.
     """
     cfg = cfg or Config()
-    weights = read_weights(weights_path)
-    name, num_classes = weights.arch["model"], int(weights.arch["num_classes"])
-    if name is None:
-        raise CheckpointError(f"{weights_path}: its tensors fit no ShuffleNetV2 width")
-    if weights.arch["in_channels"] != 3:
-        raise CheckpointError(
-            f"{weights_path} takes {weights.arch['in_channels']}-channel inputs; predict reads images as RGB"
-        )
-    device = pick_device(cfg.device)
-    model = model_from_weights(weights, str(name), num_classes, layout=weights.layout).eval()
-    network = fuse(model, channels_last=cfg.channels_last).to(device)
-    names = weights.classes or [str(i) for i in range(num_classes)]
+    network = load_network(weights_path, cfg)
     paths = [str(path) for path in images]
     if len(paths) <= cfg.batch_size:  # one batch: starting workers would take longer than reading it
         cfg = dataclasses.replace(cfg, num_parallel_workers=0)
     dataset = ImageFilesDataset(paths, range(len(paths)), sample_transform(cfg, train=False))
     loader = build_loader(cfg, dataset, train=False)
-    inputs = DeviceInput(cfg, train=False, device=device)
-    k = min(top, num_classes)
+    inputs = DeviceInput(cfg, train=False, device=network.device)
+    k = min(top, len(network.names))
     start = 0
     try:
         for batch in loader:
@@ -87,7 +151,7 @@ def predict(
             read: dict[int, tuple[list[int], list[float]]] = {}
             if pixels is not None:
                 with torch.no_grad():
-                    best = network(pixels).float().softmax(dim=1).topk(k, dim=1)
+                    best = network.run(pixels).float().softmax(dim=1).topk(k, dim=1)
                 ranked = zip(best.indices.tolist(), best.values.tolist(), strict=True)
                 read = dict(zip(positions.tolist(), ranked, strict=True))
             stop = min(start + cfg.batch_size, len(paths))
@@ -95,7 +159,7 @@ def predict(
             for i in range(start, stop):
                 if i in read:
                     indices, probabilities = read[i]
-                    yield Prediction(paths[i], [names[j] for j in indices], indices, probabilities)
+                    yield Prediction(paths[i], [network.names[j] for j in indices], indices, probabilities)
                 else:
                     yield DataError(unread[paths[i]])
             start = stop

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,19 @@ def test_the_cli_hides_torchs_cuda_home_warning_on_a_machine_without_cuda() -> N
     if "No CUDA runtime is found" not in stderr(load):
         pytest.skip("this torch finds no CUDA_HOME here, so it logs no warning to hide")
     assert "No CUDA runtime is found" not in stderr(hidden)
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`shufflenetv2 ... | head -1`: once the reader is gone, the command stops with 141 (128 + SIGPIPE, as
+    a shell tool would) and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "shufflenetv2", "summary", "shufflenet_v2_x0_5"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr

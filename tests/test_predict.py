@@ -133,3 +133,43 @@ def test_predict_device_cuda_without_a_gpu_is_a_clear_error(
     weights = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=4))
     assert main(["predict", str(weights), str(photos), "--device", "cuda"]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_predict_runs_an_exported_onnx_file_with_its_class_names(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = calibrated(create_model("shufflenet_v2_x0_5", num_classes=4))
+    weights = save_weights(tmp_path / "w.safetensors", model, classes=NAMES)
+    exported = tmp_path / "m.onnx"
+    assert main(["export", str(weights), str(exported), "--input-size", "32"]) == 0
+    config = tmp_path / "eval.yaml"
+    config.write_text("image_resize: 32\ncrop_pct: 1.0\n")
+    capsys.readouterr()
+    assert main(["predict", str(exported), str(photos), "-c", str(config), "--top", "4", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        expected = expected_probabilities(model, Path(row["path"]), Config(image_resize=32, crop_pct=1.0))
+        assert row["indices"] == expected.argsort(descending=True).tolist()
+        assert row["classes"] == [NAMES[i] for i in row["indices"]]  # from the file's metadata
+        assert row["probabilities"] == pytest.approx(expected[row["indices"]].tolist(), abs=1e-5)
+    # the file takes 32 px: the default 224 px transform is refused before any image is read
+    assert main(["predict", str(exported), str(photos)]) == 2
+    assert "m.onnx takes 32 x 32 images and the config crops to 224 px" in capsys.readouterr().err
+    assert main(["predict", str(exported), str(photos), "-c", str(config), "--device", "cuda"]) == 2
+    assert "in ONNX Runtime on the CPU: pass --device cpu" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(exported.read_bytes()[:4000])
+    assert main(["predict", str(truncated), str(photos), "-c", str(config)]) == 2
+    assert "ONNX Runtime cannot load it" in capsys.readouterr().err
+
+
+def test_predict_refuses_pt2_programs_which_would_unpickle(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    program = tmp_path / "m.pt2"
+    program.write_bytes(b"PK\x03\x04 never opened")
+    assert main(["predict", str(program), str(photos)]) == 2
+    assert "predict does not load .pt2 files, because torch.export.load unpickles" in capsys.readouterr().err
