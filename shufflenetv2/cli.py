@@ -432,7 +432,7 @@ def hide_cuda_home_warning() -> None:
 
 class _NoCudaRuntimeFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("No CUDA runtime is found") and not torch.cuda.is_available())
+        return not (str(record.msg).startswith("No CUDA runtime is found") and not torch.cuda.is_available())
 
 
 def _unknown_options(unknown: list[str]) -> str:
