@@ -23,6 +23,7 @@ import torch
 from . import config
 from .errors import DataError, ShuffleNetV2Error
 from .factory import create_model, model_from_weights
+from .fileio import storage_error
 from .interrupt import EXIT_INTERRUPTED, TrainingInterrupted
 from .model import LAYOUTS, WIDTHS, build_network
 from .summary import format_summary, summarize
@@ -71,9 +72,12 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     original = model
     if layout != source.layout:
         original = model_from_weights(source, str(name), num_classes, in_channels, layout=source.layout)
-    dst = save_weights(
-        args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}", classes=source.classes
-    )
+    try:
+        dst = save_weights(
+            args.dst, model, fmt=args.format, source=f"converted from {Path(args.src).name}", classes=source.classes
+        )
+    except OSError as exc:  # written to a temporary file first: an earlier file at dst is left as it was
+        raise storage_error(exc, args.dst, "the converted weights") from None
     # read back what was written and compare logits: a conversion that changes the numbers is a bug
     reloaded = create_model(
         str(name), num_classes=num_classes, in_channels=in_channels, checkpoint_path=dst, layout=layout

@@ -16,6 +16,7 @@ depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_path, storage_error
 from .model import MindCVBlock, ShuffleNetV2
 
 CLASSES_KEY = "classes"  # where exports keep the names of the logits
@@ -365,22 +367,23 @@ def export_onnx(
     ``classes``, which ONNX Runtime returns in ``session.get_modelmeta().custom_metadata_map``; writing
     them needs the ``onnx`` package.
     """
-    path = Path(path)
     model = model.eval()
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (_example(model, input_size, 1),), str(path), opset_version=opset, input_names=["images"],
+            model, (_example(model, input_size, 1),), buffer, opset_version=opset, input_names=["images"],
             output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
+    data = buffer.getvalue()
     if classes is not None:
         import onnx
 
-        graph = onnx.load(str(path))
+        graph = onnx.load_from_string(data)
         entry = graph.metadata_props.add()
         entry.key, entry.value = CLASSES_KEY, json.dumps(list(classes), ensure_ascii=False)
-        onnx.save(graph, str(path))
-    return path
+        data = graph.SerializeToString()
+    return _write_export(path, data, "the ONNX export")
 
 
 def export_program(
@@ -389,10 +392,24 @@ def export_program(
     """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
     ``torch.export.load(path).module()`` and runs without this package.  ``classes`` go in as the extra
     file ``classes.json``: ``torch.export.load(path, extra_files={"classes.json": ""})`` fills it in."""
-    path = Path(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))
     extra = {f"{CLASSES_KEY}.json": json.dumps(list(classes), ensure_ascii=False)} if classes is not None else None
-    torch.export.save(program, str(path), extra_files=extra)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files=extra)
+    return _write_export(path, buffer.getvalue(), "the exported program")
+
+
+def _write_export(path: str | Path, data: bytes, what: str) -> Path:
+    """Exports are built in memory and written by Python into a file renamed over ``path`` once complete:
+    a full disk or a Ctrl-C leaves an earlier export at ``path`` as it was, and the failure is an
+    ``OSError`` that says why (torch's own writers gave a truncated file and a C++ error), which becomes
+    a ``StorageError``."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise storage_error(exc, path, what) from None
     return path

@@ -132,3 +132,29 @@ def test_file_size_limit_is_a_clear_error_without_root(tiny_data: Path, tmp_path
     assert done.returncode == 2, done.stdout + done.stderr
     assert "File too large" in done.stderr and "ulimit -f" in done.stderr and "Traceback" not in done.stderr
     assert _snapshot(ckpt_dir) == before
+
+
+@pytest.mark.parametrize("target", ["model.onnx", "model.pt2", "model.ckpt"])
+def test_export_and_convert_that_cannot_write_keep_the_earlier_file(target: str, tmp_path: Path) -> None:
+    """A second export (or convert) over a good file, into a disk that takes only 200 KB: exit 2 with the
+    reason, and the earlier file byte for byte as it was (torch's writers used to leave 200 KB of it)."""
+    if target.endswith(".onnx"):
+        pytest.importorskip("onnx")
+    from shufflenetv2 import create_model, save_weights
+
+    weights = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=3))
+    command = "convert" if target.endswith(".ckpt") else "export"
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "shufflenetv2", command, str(weights), str(out / target)]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = _snapshot(out)
+    assert len(before[target]) > 1 << 20
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=300, preexec_fn=lambda: _limit_file_size(200_000)
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot write the " in done.stderr and "File too large" in done.stderr and "ulimit -f" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _snapshot(out) == before  # no partial file, no temporary file left beside it
