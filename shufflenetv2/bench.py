@@ -23,12 +23,14 @@ import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .deploy import FrozenCompiled, export_onnx, fuse
+from .errors import CheckpointError
 from .model import build_network
 from .onnx_graph import fuse_for_onnx
 from .package import compile_package, load_package
@@ -262,6 +264,29 @@ def onnx_session(path: str | Path, threads: int, **settings: object) -> object:
     for name, value in settings.items():
         setattr(options, name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def open_onnx_classifier(path: str | Path, threads: int) -> Any:
+    """An ONNX Runtime session for the file at ``path``, which must take one (batch, 3, H, W) image tensor
+    (``shufflenetv2 export`` fixes H and W: read them from ``session.get_inputs()[0].shape``); a
+    ``CheckpointError`` that says what is wrong for a missing, unloadable or other file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file; write one with `shufflenetv2 export WEIGHTS {path}`")
+    try:
+        session: Any = onnx_session(path, threads)
+    except Exception as exc:  # onnxruntime's own exception types differ between versions
+        raise CheckpointError(
+            f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]}); export it again "
+            "with `shufflenetv2 export`"
+        ) from None
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if inputs else []
+    if len(inputs) != 1 or len(shape) != 4 or shape[1] not in (3, "3"):
+        raise CheckpointError(
+            f"{path}: the model should take one (batch, 3, H, W) image tensor, but its inputs are "
+            f"{[(i.name, i.shape) for i in inputs]}"
+        )
+    return session
 
 
 def onnx_file_runner(path: str | Path, x: torch.Tensor, threads: int) -> Callable[[], object]:

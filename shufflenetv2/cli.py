@@ -229,28 +229,14 @@ def _importable(module: str) -> bool:
 def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
     """Before any row runs: ``bench --onnx`` needs one width to compare with, and a file ONNX Runtime loads
     whose input takes (batch, 3, input_size, input_size) images."""
-    from .bench import onnx_session
+    from .bench import open_onnx_classifier
 
     if len(models) != 1:
         raise ShuffleNetV2Error(
             f"bench --onnx compares the file with torchvision's model of the same width: name that width alone "
             f"with --models (got {' '.join(models)})"
         )
-    if not Path(path).is_file():
-        raise ShuffleNetV2Error(f"{path}: no such file; write one with `shufflenetv2 export WEIGHTS {path}`")
-    try:
-        inputs = onnx_session(path, 1).get_inputs()
-    except Exception as exc:  # onnxruntime's own exception types differ between versions
-        raise ShuffleNetV2Error(
-            f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]}); export it again "
-            "with `shufflenetv2 export`"
-        ) from None
-    shape = inputs[0].shape if inputs else []
-    if len(inputs) != 1 or len(shape) != 4 or shape[1] not in (3, "3"):
-        raise ShuffleNetV2Error(
-            f"{path}: bench feeds one (batch, 3, H, W) image tensor, but the model's inputs are "
-            f"{[(i.name, i.shape) for i in inputs]}"
-        )
+    shape = open_onnx_classifier(path, 1).get_inputs()[0].shape
     fixed = [side for side in shape[2:] if isinstance(side, int)]  # `export` fixes H and W to its --input-size
     if any(side != input_size for side in fixed):
         raise ShuffleNetV2Error(

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,7 +26,7 @@ from .device_input import DeviceInput
 from .distributed import pick_device
 from .errors import CheckpointError, DataError
 from .factory import model_from_weights
-from .weights import read_weights
+from .weights import read_weights, recorded_classes
 
 
 def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -90,14 +88,9 @@ def _onnx_network(path: Path, cfg: Config) -> Network:
         raise ConfigError(f"predict runs {path.name} in ONNX Runtime on the CPU: pass --device cpu (or auto)")
     if importlib.util.find_spec("onnxruntime") is None:
         raise CheckpointError(f"predicting with {path.name} needs ONNX Runtime: pip install 'shufflenetv2[onnx]'")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    from .bench import onnx_session
+    from .bench import open_onnx_classifier
 
-    try:
-        session: Any = onnx_session(path, torch.get_num_threads())
-    except Exception as exc:  # ORT raises its own Fail / InvalidProtobuf types
-        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({exc}); export it again") from None
+    session = open_onnx_classifier(path, torch.get_num_threads())
     image, output = session.get_inputs()[0], session.get_outputs()[0]
     side = image.shape[2:]
     if any(isinstance(d, int) and d != cfg.image_resize for d in side):
@@ -108,16 +101,12 @@ def _onnx_network(path: Path, cfg: Config) -> Network:
     count = output.shape[1]
     if not isinstance(count, int):
         raise CheckpointError(f"{path}: its output has no fixed number of classes, so predict cannot name them")
-    try:
-        names = json.loads(session.get_modelmeta().custom_metadata_map[CLASSES_KEY])
-    except (KeyError, ValueError):
-        names = None
-    valid = isinstance(names, list) and len(names) == count and all(isinstance(n, str) for n in names)
+    names = recorded_classes(session.get_modelmeta().custom_metadata_map.get(CLASSES_KEY), count)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {image.name: images.contiguous().numpy()})[0])
 
-    return Network(run, names if valid else [str(i) for i in range(count)], torch.device("cpu"))
+    return Network(run, names or [str(i) for i in range(count)], torch.device("cpu"))
 
 
 def predict(

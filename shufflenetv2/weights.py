@@ -60,12 +60,18 @@ class Weights:
 
         Labels are positions in the sorted class-folder names, so the same weights on a folder whose
         names differ mean other classes; ``validate`` and resuming compare these with the data's."""
-        try:
-            names = json.loads(self.metadata["classes"])
-        except (KeyError, ValueError):
-            return None
-        valid = isinstance(names, list) and all(isinstance(n, str) for n in names)
-        return names if valid and len(names) == self.arch["num_classes"] else None
+        return recorded_classes(self.metadata.get("classes"), self.arch["num_classes"])
+
+
+def recorded_classes(text: str | None, count: object) -> list[str] | None:
+    """Class names as our files record them (a JSON list of ``count`` strings: safetensors metadata, the
+    ``classes`` entry of an exported ONNX file), or None where the record is missing or malformed."""
+    try:
+        names = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    valid = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if valid and len(names) == count else None
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
