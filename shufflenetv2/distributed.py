@@ -44,8 +44,9 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def setup(cfg: Config) -> Context:
-    """Join the process group when torchrun started several processes; pick this process's device."""
+def setup(cfg: Config, job: str = "train") -> Context:
+    """Join the process group when torchrun started several processes; pick this process's device.
+    ``job`` ("train" or "validate") words the note about a lone process and names the script to launch."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,7 +62,7 @@ def setup(cfg: Config) -> Context:
     elif cfg.distribute and rank == 0:
         print(
             "note: distribute is True but this process was not launched by torchrun (WORLD_SIZE is unset or 1), "
-            "so it trains alone; launch with `torchrun --nproc_per_node N train.py ...` to use N devices",
+            f"so it {job}s alone; launch with `torchrun --nproc_per_node N {job}.py ...` to use N devices",
             file=sys.stderr,
         )
     return Context(rank, world_size, local_rank, device)

@@ -835,6 +835,16 @@ def _warn_on(ctx: dist.Context) -> Callable[[str], None]:
     return warn
 
 
+def _check_class_count(in_file: object, cfg: Config) -> None:
+    """validate.py scores the classifier it is given: the only remedy for another class count is num_classes
+    (the loader's generic advice also offers a new classifier, which would only measure chance)."""
+    if in_file is not None and in_file != cfg.num_classes:
+        raise ConfigError(
+            f"--ckpt_path {cfg.ckpt_path} holds a classifier for {in_file} classes and num_classes is "
+            f"{cfg.num_classes}: pass --num_classes {in_file} to validate it"
+        )
+
+
 def validate(cfg: Config) -> EvalResult:
     """validate.py: top-1/top-5/loss of ``cfg.ckpt_path`` (or the pretrained release) on ``val_split``."""
     if not cfg.ckpt_path and not cfg.pretrained:
@@ -845,10 +855,12 @@ def validate(cfg: Config) -> EvalResult:
     if cfg.ckpt_path and not os.path.exists(cfg.ckpt_path):
         raise ConfigError(f"--ckpt_path {cfg.ckpt_path} does not exist")
     keep_freed_memory()
-    ctx = dist.setup(cfg)
+    ctx = dist.setup(cfg, job="validate")
     try:
         dataset = data_mod.build_dataset(cfg, cfg.val_split, train=False)
         weights = read_weights(cfg.ckpt_path) if cfg.ckpt_path else None
+        if weights is not None and weights.arch["model"] in (None, cfg.model):
+            _check_class_count(weights.arch["num_classes"], cfg)
         if weights is None:
             model = create_model(cfg.model, cfg.num_classes, cfg.in_channels, pretrained=cfg.pretrained)
         else:

@@ -265,3 +265,17 @@ def test_validate_py_missing_checkpoint(tmp_path: Path) -> None:
     recipe = REPO / "configs/shufflenetv2/shufflenet_v2_0.5_digits_demo.yaml"
     result = _script(tmp_path, "validate.py", "-c", str(recipe), "--ckpt_path", str(tmp_path / "gone.ckpt"))
     _assert_process_error(result, ["ckpt_path", "gone.ckpt", "does not exist"])
+
+
+def test_validate_names_the_class_count_of_the_checkpoint(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint with another class count: the one remedy is --num_classes (a new classifier, which the
+    weights loader also offers for fine-tuning, would score chance), and a lone process's note about
+    distribute names validate.py."""
+    from shufflenetv2 import create_model, save_weights
+
+    path = save_weights(tmp / "ten.safetensors", create_model("shufflenet_v2_x0_5", num_classes=10))
+    status, err = _run(_argv(tmp, "validate", ["--ckpt_path", str(path), "--distribute", "True"]), capsys)
+    note, error = err.split("\n", 1)
+    assert note.startswith("note: distribute is True") and "validates alone" in note and "N validate.py" in note
+    _assert_one_error_paragraph(status, error, ["ten.safetensors", "for 10 classes", "num_classes is 3"])
+    assert "--num_classes 10" in error and "drop_classifier" not in error
