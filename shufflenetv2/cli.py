@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import config
+from .distributed import launched_rank
 from .errors import DataError, ShuffleNetV2Error
 from .factory import create_model, model_from_weights
 from .fileio import storage_error
@@ -96,6 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import train
 
     result = train(config.from_args(args))
+    if launched_rank() != 0:  # under torchrun every rank returns the run's result: rank 0 reports it
+        return
     if result.last is not None:
         print(
             f"final validation: top-1 {100 * result.last.top1:.2f}%, top-5 {100 * result.last.top5:.2f}%, "
@@ -109,8 +112,10 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
     cfg = config.from_args(args)
     result = validate(cfg)
-    for reason in result.unreadable_here:
+    for reason in result.unreadable_here:  # this rank's own files
         print(f"warning: left out an unreadable file: {reason}", file=sys.stderr)
+    if launched_rank() != 0:  # the metrics cover every rank's share: rank 0 reports them
+        return
     if result.unreadable:
         print(
             f"warning: {result.unreadable} file(s) of the validation split could not be read and are not in "
@@ -274,6 +279,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out))
+
+
+READ_ONLY_COMMANDS = ("validate", "predict", "summary", "info")  # they write no file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # a second Ctrl-C in training (the user chose not to wait), or one elsewhere
-        print("\ninterrupted; nothing more was saved", file=sys.stderr)
+        saves = args.command not in READ_ONLY_COMMANDS  # the others write through temporary files, if at all
+        print("\ninterrupted" + ("; nothing more was saved" if saves else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`): stop too, without a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit fails no more

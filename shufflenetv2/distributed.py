@@ -10,6 +10,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,11 +45,17 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
+def launched_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun).  Also readable after the process
+    group is gone: a command's closing report is printed by rank 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(cfg: Config, job: str = "train") -> Context:
     """Join the process group when torchrun started several processes; pick this process's device.
     ``job`` ("train" or "validate") words the note about a lone process and names the script to launch."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device)
     if world_size > 1:
@@ -130,6 +137,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over all ranks, differentiable: each rank's output is the same sum, so the
+    gradient of each rank's input is the sum of the output gradients of all ranks.  Ours, because torch's
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated and warns on every use (torch 2.14), and
+    dynamo cannot trace it: a compiled training step (compile_on_cpu) ran eagerly.  This one it traces
+    (``tests/ddp_gradient_worker.py``'s network under torch.compile gave the full-batch gradient to 2e-13 in
+    float64; the compile takes over 4 minutes on 2 cores, too long for the test suite)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
 class AllReduceBatchNorm2d(BatchNorm2d):
     """BatchNorm over the global batch for CPU/gloo, where ``nn.SyncBatchNorm`` refuses to run.
 
@@ -140,15 +168,13 @@ class AllReduceBatchNorm2d(BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = x.shape[1]
         count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
-        total = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        total = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), count]))
         n = total[-1]
         mean = total[:channels] / n
         # a second pass for the variance: E[x^2] - E[x]^2 cancels catastrophically after ReLU in float32
-        var = all_reduce((x - mean.view(1, channels, 1, 1)).square().sum((0, 2, 3))) / n
+        var = _SumOverRanks.apply((x - mean.view(1, channels, 1, 1)).square().sum((0, 2, 3))) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

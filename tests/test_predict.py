@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +177,31 @@ def test_predict_refuses_pt2_programs_which_would_unpickle(
     program.write_bytes(b"PK\x03\x04 never opened")
     assert main(["predict", str(program), str(photos)]) == 2
     assert "predict does not load .pt2 files, because torch.export.load unpickles" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_predict_quietly_without_talk_of_saving(tmp_path: Path) -> None:
+    """A real process interrupted mid-run: exit 130, no traceback, and no "nothing more was saved" (which
+    the commands that write files say) from a command that writes none."""
+    g = torch.Generator().manual_seed(7)
+    for i in range(400):
+        path = tmp_path / "photos" / f"{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()).save(path)
+    weights = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=4))
+    config = tmp_path / "c.yaml"
+    config.write_text("image_resize: 32\nbatch_size: 2\nnum_parallel_workers: 0\ndevice: cpu\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shufflenetv2", "predict", str(weights), str(tmp_path / "photos"), "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        first = process.stdout.readline()  # a result: the images are being classified
+        assert first.startswith(str(tmp_path / "photos" / "000.png")), first + process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert len(rest.splitlines()) < 399  # it stopped before the end
+    assert err.strip() == "interrupted", err

@@ -332,6 +332,8 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
          str(config_file), "--ckpt_save_dir", str(tmp_path / "two"), "--batch_size", "4"], cwd=tmp_path,
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("run directory: ") == 1 and "checkpoint: None" not in double.stdout  # rank 0's
+    assert "Warning" not in double.stderr, double.stderr[-3000:]  # sync BN's all-reduce warned on every rank
     assert (tmp_path / "two" / "train_rank1.log").exists()
     first_line = (tmp_path / "two" / "train_rank1.log").read_text().splitlines()[0]
     assert "; device cpu (1 thread per process); " in first_line
@@ -350,6 +352,17 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     for a, b in zip(m1, m2, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.25)
     assert [m["epoch"] for m in m2] == [1, 2]
+
+    # validate.py on both ranks: each image scored once over the two shards, reported once
+    scored = _run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", str(REPO / "validate.py"), "-c",
+         str(config_file), "--ckpt_path", str(tmp_path / "two" / "shufflenet_v2_x0_5_best.safetensors")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    reports = [json.loads(line) for line in scored.stdout.splitlines() if line.startswith('{"')]
+    assert len(reports) == 1 and reports[0]["images"] == 18, scored.stdout
+    assert reports[0]["Top_1_Accuracy"] == pytest.approx(m2[-1]["top1"], abs=1e-6)
 
 
 def test_mode_0_on_a_cpu_trains_eager_and_compiles_evaluation(tiny_data: Path, tmp_path: Path) -> None:
