@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import socket
 import threading
 import warnings
@@ -15,6 +16,8 @@ import pytest
 
 from shufflenetv2 import hub
 from shufflenetv2.errors import DownloadError
+
+from .conftest import REPO
 
 PAYLOAD = bytes(range(256)) * 64 + b"shufflenetv2"
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
@@ -292,3 +295,27 @@ def test_create_model_pretrained_end_to_end(
     assert tuned.classifier.weight.shape == (10, 1024)
     assert torch.equal(tuned.features[7].branch_main[0].weight, release.features[7].branch_main[0].weight)
     assert server.hits[f"/mirror/{name}"] == 1  # the second call used the cache
+    through_hub = torch.hub.load(str(REPO), "shufflenet_v2_x0_5", source="local", pretrained=True)  # hubconf.py
+    assert torch.equal(through_hub.conv_last[0].weight, release.conv_last[0].weight)
+
+
+def test_torch_hub_lists_and_builds_the_four_widths() -> None:
+    """hubconf.py, as ``torch.hub`` reads it from a clone: the widths, their help, create_model's arguments."""
+    import torch
+
+    from shufflenetv2 import MODEL_NAMES, create_model
+
+    spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    offered = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
+    assert sorted(offered) == sorted(MODEL_NAMES)  # torch.hub.list's rule: the public callables
+    assert "pretrained=True loads MindCV's ImageNet weights" in hubconf.shufflenet_v2_x1_5.__doc__  # torch.hub.help
+    torch.manual_seed(3)
+    model = torch.hub.load(str(REPO), "shufflenet_v2_x1_0", source="local", num_classes=10, layout="torchvision")
+    torch.manual_seed(3)
+    reference = create_model("shufflenet_v2_x1_0", num_classes=10, layout="torchvision")
+    assert type(model) is type(reference) and model.fc.out_features == 10
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
