@@ -312,23 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="parameters, MACs and a layer table of a model")
-    p.add_argument("model", choices=list(WIDTHS))
-    p.add_argument("--layout", choices=LAYOUTS, default="mindcv")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
+    p.add_argument("model", choices=list(WIDTHS), help="the width")
+    p.add_argument("--layout", choices=LAYOUTS, default="mindcv", help="whose network (default mindcv)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    p.add_argument("--in-channels", type=int, default=3, help="image channels (default 3)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
     p.add_argument("--no-layers", dest="layers", action="store_false", help="totals only")
     p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("info", help="what a weight file holds (format, layout, width, classes)")
-    p.add_argument("file")
+    p.add_argument("file", help="weights: .safetensors, MindCV .ckpt, .pth or .pt")
     p.add_argument("--ema", action="store_true", help="look at the EMA copy of a training checkpoint")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert weights between .ckpt, .safetensors and .pth, and between layouts")
-    p.add_argument("src")
+    p.add_argument("src", help="weights: .safetensors, MindCV .ckpt, .pth or .pt")
     p.add_argument("dst", help="output file; its extension picks the format unless --format is given")
-    p.add_argument("--format", choices=["ckpt", "safetensors", "pth"])
+    p.add_argument(
+        "--format", choices=["ckpt", "safetensors", "pth"], help="the output format (default: dst's extension)"
+    )
     p.add_argument("--layout", choices=LAYOUTS, help="target layout (default: the source's)")
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
     p.add_argument("--ema", action="store_true", help="convert the EMA copy of a training checkpoint")
@@ -340,18 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="weights: .safetensors, MindCV .ckpt or .pth")
     p.add_argument("dst", help="output file, .onnx or .pt2")
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
-    p.add_argument("--input-size", type=int, default=224, help="side of the example input used for tracing")
+    p.add_argument(
+        "--input-size", type=int, default=224, help="side of the example input used for tracing (default 224)"
+    )
     p.add_argument(
         "--aot", action="store_true",
         help="write a .pt2 package compiled ahead of time (AOTInductor) for this kind of CPU and one input "
         "shape (--batch, --input-size); load it with shufflenetv2.load_package",
     )  # fmt: skip
-    p.add_argument("--batch", type=int, default=1, help="with --aot: the one batch size the package takes")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.add_argument("--batch", type=int, default=1, help="with --aot: the one batch size the package takes (default 1)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer; default 17)")
     p.add_argument(
         "--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
         help="the runtime the .onnx file is shaped for: onnxruntime pads channels for its blocked layout, "
-        "openvino runs the unpadded graph faster",
+        "openvino runs the unpadded graph faster (default onnxruntime)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
@@ -360,32 +364,58 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_train import TRAIN_BACKENDS
 
     p = sub.add_parser("bench", help="inference, training-step and data-pipeline speed, ours beside torchvision")
-    p.add_argument("--suites", nargs="+", default=["inference"], choices=["inference", "train", "data"])
-    p.add_argument("--models", nargs="+", default=["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"], choices=list(WIDTHS))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument(
+        "--suites", nargs="+", default=["inference"], choices=["inference", "train", "data"],
+        help="what to time: inference, the training step, the input pipeline on --data (default: inference)",
+    )  # fmt: skip
+    p.add_argument(
+        "--models", nargs="+", default=["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"], choices=list(WIDTHS),
+        metavar="MODEL", help=f"widths for the inference suite, any of {', '.join(WIDTHS)} (default: the first two)",
+    )  # fmt: skip
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="inference batch sizes (default: 1 32)")
     p.add_argument(
         "--backends", "--backend", nargs="+", default=list(BACKENDS), metavar="BACKEND",
         help=f"any of {', '.join(ALL_BACKENDS)} (default: all but openvino); or a kind without its prefix "
         "(onnxruntime: both ONNX Runtime rows)",
     )  # fmt: skip
     p.add_argument("--onnx", metavar="FILE", help="also time this ONNX file (from `export`) in ONNX Runtime")
-    p.add_argument("--train-models", nargs="+", default=["shufflenet_v2_x0_5"], choices=list(WIDTHS))
-    p.add_argument("--train-batches", nargs="+", type=int, default=[32])
-    p.add_argument("--train-backends", nargs="+", default=list(TRAIN_BACKENDS), choices=list(TRAIN_BACKENDS))
+    p.add_argument(
+        "--train-models", nargs="+", default=["shufflenet_v2_x0_5"], choices=list(WIDTHS), metavar="MODEL",
+        help=f"widths for the train suite, any of {', '.join(WIDTHS)} (default: shufflenet_v2_x0_5)",
+    )  # fmt: skip
+    p.add_argument("--train-batches", nargs="+", type=int, default=[32], help="training batch sizes (default: 32)")
+    p.add_argument(
+        "--train-backends", nargs="+", default=list(TRAIN_BACKENDS), choices=list(TRAIN_BACKENDS), metavar="BACKEND",
+        help=f"any of {', '.join(TRAIN_BACKENDS)} (default: all)",
+    )  # fmt: skip
     p.add_argument("--data", help="for --suites data: a folder with train/ and val/ class folders of images")
-    p.add_argument("--data-backends", nargs="+", default=list(DATA_BACKENDS), choices=list(DATA_BACKENDS))
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the data suite uses one: per core)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls after the first (setup) call")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median and spread are reported")
-    p.add_argument("--iterations", type=int, default=0, help="calls per round (0: rounds of about 1/3 s, 1 s train)")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the inference and train suites")
-    p.add_argument("--amp", default="none", choices=["none", "bfloat16", "float16"], help="autocast dtype")
+    p.add_argument(
+        "--data-backends", nargs="+", default=list(DATA_BACKENDS), choices=list(DATA_BACKENDS), metavar="BACKEND",
+        help=f"any of {', '.join(DATA_BACKENDS)} (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (default 2; the data suite uses one: per core)"
+    )
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls after the first (setup) call (default 5)")
+    p.add_argument(
+        "--repeats", type=int, default=7, help="timed rounds; the median and spread are reported (default 7)"
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        help="calls per round (default 0: rounds of about 1/3 s, 1 s in the train suite)",
+    )
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the inference and train suites (default cpu)")
+    p.add_argument(
+        "--amp", default="none", choices=["none", "bfloat16", "float16"], help="autocast dtype (default none: float32)"
+    )
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="a self-contained tour: build, save as MindCV .ckpt, convert, reload, compare")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder for the files it writes (default runs/demo)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

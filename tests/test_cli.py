@@ -192,3 +192,21 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
         os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+
+
+def test_every_option_says_what_it_does_and_what_it_is_without_it() -> None:
+    """`shufflenetv2 COMMAND --help` is the reference a user reads: each argument has a help line, and each
+    option that takes a value and has a default names that default."""
+    import argparse
+
+    from shufflenetv2.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = []
+    for name, command in commands.items():
+        for action in command._actions:
+            takes_value = action.nargs != 0
+            has_default = action.default not in (None, "", argparse.SUPPRESS)
+            if not action.help or (takes_value and has_default and "default" not in action.help):
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not silent, silent
