@@ -71,8 +71,8 @@ class CompiledOrEager(nn.Module):
                 self.failure = _first_line(_reason(exc))
                 self.warn(
                     f"torch.compile failed for {self.what} ({self.failure}); {self.what} runs eager "
-                    "from here on, with the same results, slower. To compile, fix the cause (on a CPU torch.compile "
-                    "needs a C++ compiler: install g++, or point CXX at one); mode 1 does not try."
+                    f"from here on, with the same results, slower. To compile, fix the cause ({compile_advice()}); "
+                    "mode 1 does not try."
                 )
         return self._orig_mod(*args, **kwargs)
 
@@ -91,6 +91,23 @@ def compilers_finish_on_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def compile_advice() -> str:
+    """What to fix after a failed compile.  Inductor hands g++ one command line that is split at spaces
+    (torch 2.14), so a space in any path on it (its cache, torch's headers, Python's) fails every CPU
+    compile with "g++: fatal error: input file '/tmp/my' is the same as output file"."""
+    import sysconfig
+
+    places = (
+        (_cache_dir(), "torch's compile cache", "set TORCHINDUCTOR_CACHE_DIR to a folder whose path has none"),
+        (Path(torch.__file__).parent, "torch's installation", "install it (its environment) where the path has none"),
+        (Path(sysconfig.get_paths()["include"]), "Python's headers", "use a Python installed where the path has none"),
+    )  # fmt: skip
+    for path, what, remedy in places if cxx_compiler_missing() is None else ():
+        if path is not None and any(c.isspace() for c in str(path)):
+            return f"the path of {what}, {str(path)!r}, has a space, which inductor's g++ command cannot take: {remedy}"
+    return "on a CPU torch.compile needs a C++ compiler: install g++, or point CXX at one"
 
 
 def cxx_compiler_missing() -> str | None:

@@ -232,6 +232,17 @@ def test_bench_refuses_compiled_rows_without_a_cxx_compiler_before_any_row_runs(
 
 
 @needs_gxx
+def test_a_space_in_the_cache_path_is_named_as_the_cause(tmp_path: Path) -> None:
+    """Inductor splits g++'s command line at spaces: with the cache in "my cache" every CPU compile fails,
+    and "install g++" (the general advice) would send the user the wrong way."""
+    result = child_result(run_child("ours", tmp_path / "my cache"))
+    assert result["match"] and result["failure"].startswith("CppCompileError"), result
+    (warning,) = result["warnings"]
+    assert f"'{tmp_path / 'my cache'}', has a space" in warning and "set TORCHINDUCTOR_CACHE_DIR" in warning
+    assert "install g++" not in warning
+
+
+@needs_gxx
 def test_a_working_cxx_compiler_is_found() -> None:
     assert cxx_compiler_missing() is None
 
