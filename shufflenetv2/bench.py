@@ -42,8 +42,10 @@ BACKENDS = (
 )  # fmt: skip
 # Another runtime a user could pick: the same ONNX files in OpenVINO, named explicitly (the openvino extra)
 OPENVINO_BACKENDS = ("ours-openvino", "torchvision-openvino")
-ALL_BACKENDS = BACKENDS + OPENVINO_BACKENDS
-CPU_ONLY_KINDS = ("onnxruntime", "openvino", "aot")  # rows that bench runs on the CPU only
+# A peer at another precision, named explicitly: torchvision's quantized ShuffleNetV2 (int8, torch's x86 engine)
+INT8_BACKENDS = ("torchvision-int8",)
+ALL_BACKENDS = BACKENDS + OPENVINO_BACKENDS + INT8_BACKENDS
+CPU_ONLY_KINDS = ("onnxruntime", "openvino", "aot", "int8")  # rows that bench runs on the CPU only
 ONNX_FILE = "onnx-file"  # the row of a user's own ONNX file (``bench --onnx FILE``), run like ours-onnxruntime
 
 
@@ -302,6 +304,28 @@ def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes).eval()  # our names
 
 
+def torchvision_int8_model(float_model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """torchvision's quantizable ShuffleNetV2 holding ``float_model``'s weights (a torchvision
+    ``ShuffleNetV2``), its convolutions, BatchNorms and ReLUs fused, then quantized to int8 (weights per
+    channel, activations per tensor) with ranges observed on ``calibration``: what a user who wants
+    torchvision's fastest CPU model would run.  Its eager-mode quantization API is deprecated in favour of
+    torchao (torch 2.14); the notices are muted here."""
+    from torchvision.models.quantization.shufflenetv2 import QuantizableShuffleNetV2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = QuantizableShuffleNetV2(
+            [4, 8, 4], float_model._stage_out_channels, num_classes=float_model.fc.out_features
+        )
+        model.load_state_dict(float_model.state_dict())
+        model.eval().fuse_model(is_qat=False)
+        model.qconfig = torch.ao.quantization.get_default_qconfig(torch.backends.quantized.engine)
+        torch.ao.quantization.prepare(model, inplace=True)
+        with torch.no_grad():
+            model(calibration)
+        return torch.ao.quantization.convert(model, inplace=True)
+
+
 def benchmark(
     names: list[str],
     batches: list[int],
@@ -322,7 +346,7 @@ def benchmark(
     torch.set_num_threads(threads)
     target = torch.device(device)
     if target.type != "cpu" and any(b.endswith(CPU_ONLY_KINDS) for b in backends):
-        raise ValueError("the onnxruntime, openvino and aot rows run on the CPU only; leave them out on a GPU")
+        raise ValueError("the onnxruntime, openvino, aot and int8 rows run on the CPU only; leave them out on a GPU")
     if amp is not None and any(b.endswith("-aot") for b in backends):
         raise ValueError("the aot rows are compiled for float32; leave them out under autocast")
     rows: list[Row] = []
@@ -435,6 +459,8 @@ def _runner(
         return _torch_runner(_packaged(theirs, x, scratch), nhwc)
     if backend == "torchvision-onnxruntime":
         return _onnx_runner(theirs, x, threads, scratch)
+    if backend == "torchvision-int8":  # calibrated on the timed batch: the ranges do not change its speed
+        return _torch_runner(torchvision_int8_model(theirs, x), x)
     if backend == "ours-openvino":  # no channel padding: OpenVINO picks its own blocked layouts
         return _openvino_runner(fuse_for_onnx(ours, pad=False), x, threads, scratch)
     if backend == "torchvision-openvino":

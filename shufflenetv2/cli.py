@@ -178,7 +178,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     on_cpu_only = args.onnx or any(b.endswith(CPU_ONLY_KINDS) for b in backends)
     if "inference" in args.suites and args.device != "cpu" and on_cpu_only:
         raise ShuffleNetV2Error(
-            "the onnxruntime, openvino and aot backends and --onnx run on the CPU only; on a GPU name the others "
+            "the onnxruntime, openvino, aot and int8 backends and --onnx run on the CPU only; on a GPU name the others "
             "with --backends"
         )
     if "inference" in args.suites and args.amp != "none" and any(b.endswith("-aot") for b in backends):
@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="inference batch sizes (default: 1 32)")
     p.add_argument(
         "--backends", "--backend", nargs="+", default=list(BACKENDS), metavar="BACKEND",
-        help=f"any of {', '.join(ALL_BACKENDS)} (default: all but openvino); or a kind without its prefix "
-        "(onnxruntime: both ONNX Runtime rows)",
+        help=f"any of {', '.join(ALL_BACKENDS)} (default: all but openvino and torchvision's int8 model); or a "
+        "kind without its prefix (onnxruntime: both ONNX Runtime rows)",
     )  # fmt: skip
     p.add_argument("--onnx", metavar="FILE", help="also time this ONNX file (from `export`) in ONNX Runtime")
     p.add_argument(

@@ -255,6 +255,29 @@ def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
     assert results["models"]["shufflenet_v2_x0_5"]["params"] == 1_365_792
 
 
+def test_torchvisions_int8_peer_is_its_float_network_quantized(tmp_path: Path) -> None:
+    """The bench's int8 row runs torchvision's own float model, weights and all, quantized: int8
+    convolutions whose logits follow the float ones (calibrated weights, so the logits depend on the image)."""
+    from shufflenetv2.bench import torchvision_int8_model
+
+    float_model = calibrated(torchvision_model("shufflenet_v2_x0_5"))
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    int8 = torchvision_int8_model(float_model, x)
+    assert type(int8.conv1[0]).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    assert type(int8.stage2[1].branch2[3]).__module__.startswith("torch.ao.nn.quantized")  # the depthwise conv
+    with torch.no_grad():
+        similarity = torch.nn.functional.cosine_similarity(int8(x), float_model(x), dim=1)
+    assert similarity.min() > 0.8, similarity  # 0.92 seen; another network's logits give about 0
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "shufflenet_v2_x0_5", "--batches", "2", "--backends", "int8", "torchvision-eager",
+            "--warmup", "1", "--repeats", "2", "--iterations", "1", "--input-size", "64", "--threads", "1",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["torchvision-int8", "torchvision-eager"]
+    assert all(r["images_per_second"] > 0 for r in rows)
+
+
 def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
     assert expand_backends(["onnxruntime"]) == ["ours-onnxruntime", "torchvision-onnxruntime"]
     assert expand_backends(["ours-fused", "eager", "torchvision-eager"]) == [
@@ -266,6 +289,7 @@ def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
         "ours-fused-compiled", "torchvision-compiled", "ours-fused-frozen", "torchvision-frozen"
     ]  # fmt: skip
     assert expand_backends(["aot"]) == ["ours-aot", "torchvision-aot"]
+    assert expand_backends(["int8"]) == ["torchvision-int8"]  # another precision: named, never by default
     with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*a kind: aot, compiled, eager"):
         expand_backends(["tensorrt"])
 
