@@ -228,6 +228,20 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' if threads > 1 else ''} per process)"
 
 
+def idle_cores_note(threads: int, processes_here: int, cores: int) -> str | None:
+    """torchrun sets OMP_NUM_THREADS=1 in every process it starts unless the variable is set, so N training
+    processes on a CPU machine compute on N of its cores and leave the rest idle; None when they use them."""
+    if processes_here < 2 or threads * processes_here >= cores:
+        return None
+    share = cores // processes_here
+    return (
+        f"note: the {processes_here} processes on this machine compute with {threads} thread"
+        f"{'s' if threads > 1 else ''} each, {threads * processes_here} of its {cores} cores (torchrun sets "
+        f"OMP_NUM_THREADS=1 unless it is set): `OMP_NUM_THREADS={share} torchrun ...` gives each process its "
+        "share of them (leave some to the loader workers)"
+    )
+
+
 def describe_batchnorm(device: torch.device, in_kernels: bool) -> str:
     """The log's word on how BatchNorm trains on a CPU (empty on other devices)."""
     if device.type != "cpu":
@@ -519,6 +533,12 @@ class Trainer:
                 f"note: amp_level {cfg.amp_level} trains under {self.precision.describe()}, which on a CPU runs this "
                 "network slower than float32 (README, training step); amp_level O0 trains faster here"
             )
+        if ctx.device.type == "cpu":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            threads_note = idle_cores_note(torch.get_num_threads(), processes_here, cores)
+            if threads_note:
+                log.info(threads_note)
         lr_note = optim.lr_batch_note(cfg, ctx.world_size, self.batches_per_epoch)
         if lr_note:
             log.info(lr_note)

@@ -27,6 +27,7 @@ from shufflenetv2.engine import (
     TrainingError,
     compiles_training,
     describe_mode,
+    idle_cores_note,
     train,
     trains_batchnorm_in_kernels,
     validate,
@@ -452,3 +453,12 @@ def test_dynamic_loss_scale_skips_overflowing_steps_and_recovers(tiny_data: Path
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert not torch.equal(initial, weights["classifier.weight"])  # once the scale fits, steps are applied
     assert load_state(list_checkpoints(tmp_path)[-1].state)["scaler"]["scale"] == trainer.scaler.get_scale()
+
+
+def test_a_note_names_the_cores_torchruns_one_thread_per_process_leaves_idle() -> None:
+    note = idle_cores_note(threads=1, processes_here=2, cores=16)
+    assert note is not None and "compute with 1 thread each, 2 of its 16 cores" in note
+    assert "`OMP_NUM_THREADS=8 torchrun ...`" in note
+    assert idle_cores_note(threads=1, processes_here=2, cores=2) is None  # every core busy (this VM under torchrun)
+    assert idle_cores_note(threads=8, processes_here=2, cores=16) is None  # OMP_NUM_THREADS set to the share
+    assert idle_cores_note(threads=2, processes_here=1, cores=16) is None  # not torchrun's doing: one process
