@@ -347,8 +347,10 @@ def benchmark(
     target = torch.device(device)
     if target.type != "cpu" and any(b.endswith(CPU_ONLY_KINDS) for b in backends):
         raise ValueError("the onnxruntime, openvino, aot and int8 rows run on the CPU only; leave them out on a GPU")
-    if amp is not None and any(b.endswith("-aot") for b in backends):
-        raise ValueError("the aot rows are compiled for float32; leave them out under autocast")
+    if amp is not None and any(b.endswith(("-aot", "-int8")) for b in backends):
+        raise ValueError(
+            "the aot rows are compiled for float32 and the int8 row is int8; leave them out under autocast"
+        )
     rows: list[Row] = []
     info: dict[str, object] = {}
     row_backends = [*backends, ONNX_FILE] if onnx_file is not None else list(backends)

@@ -181,8 +181,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             "the onnxruntime, openvino, aot and int8 backends and --onnx run on the CPU only; on a GPU name the others "
             "with --backends"
         )
-    if "inference" in args.suites and args.amp != "none" and any(b.endswith("-aot") for b in backends):
-        raise ShuffleNetV2Error("the aot backends are float32 packages; under --amp name the others with --backends")
+    if "inference" in args.suites and args.amp != "none" and any(b.endswith(("-aot", "-int8")) for b in backends):
+        raise ShuffleNetV2Error(
+            "the aot backends are float32 packages and the int8 one is int8: under --amp name the others (--backends)"
+        )
     if "inference" in args.suites and any(b.endswith("openvino") for b in backends) and not _importable("openvino"):
         raise ShuffleNetV2Error("the openvino backends need OpenVINO: pip install 'shufflenetv2[openvino]'")
     if args.onnx:

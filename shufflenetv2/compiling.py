@@ -99,15 +99,18 @@ def compile_advice() -> str:
     compile with "g++: fatal error: input file '/tmp/my' is the same as output file"."""
     import sysconfig
 
+    compiler_advice = "on a CPU torch.compile needs a C++ compiler: install g++, or point CXX at one"
+    if cxx_compiler_missing() is not None:
+        return compiler_advice
     places = (
         (_cache_dir(), "torch's compile cache", "set TORCHINDUCTOR_CACHE_DIR to a folder whose path has none"),
         (Path(torch.__file__).parent, "torch's installation", "install it (its environment) where the path has none"),
         (Path(sysconfig.get_paths()["include"]), "Python's headers", "use a Python installed where the path has none"),
     )  # fmt: skip
-    for path, what, remedy in places if cxx_compiler_missing() is None else ():
+    for path, what, remedy in places:
         if path is not None and any(c.isspace() for c in str(path)):
             return f"the path of {what}, {str(path)!r}, has a space, which inductor's g++ command cannot take: {remedy}"
-    return "on a CPU torch.compile needs a C++ compiler: install g++, or point CXX at one"
+    return compiler_advice
 
 
 def cxx_compiler_missing() -> str | None:

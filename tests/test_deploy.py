@@ -255,7 +255,7 @@ def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
     assert results["models"]["shufflenet_v2_x0_5"]["params"] == 1_365_792
 
 
-def test_torchvisions_int8_peer_is_its_float_network_quantized(tmp_path: Path) -> None:
+def test_torchvisions_int8_peer_is_its_float_network_quantized(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The bench's int8 row runs torchvision's own float model, weights and all, quantized: int8
     convolutions whose logits follow the float ones (calibrated weights, so the logits depend on the image)."""
     from shufflenetv2.bench import torchvision_int8_model
@@ -276,6 +276,10 @@ def test_torchvisions_int8_peer_is_its_float_network_quantized(tmp_path: Path) -
     rows = json.loads(out.read_text())["rows"]
     assert [r["backend"] for r in rows] == ["torchvision-int8", "torchvision-eager"]
     assert all(r["images_per_second"] > 0 for r in rows)
+    assert main(["bench", "--models", "shufflenet_v2_x0_5", "--backend", "int8", "--amp", "bfloat16"]) == 2
+    assert "the int8 one is int8" in capsys.readouterr().err  # its own precision, never autocast
+    assert main(["bench", "--models", "shufflenet_v2_x0_5", "--backend", "int8", "--device", "cuda"]) == 2
+    assert "int8 backends and --onnx run on the CPU only" in capsys.readouterr().err
 
 
 def test_bench_backend_kinds_stand_for_ours_and_torchvisions() -> None:
