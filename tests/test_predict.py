@@ -191,9 +191,12 @@ def test_ctrl_c_stops_predict_quietly_without_talk_of_saving(tmp_path: Path) -> 
     config = tmp_path / "c.yaml"
     config.write_text("image_resize: 32\nbatch_size: 2\nnum_parallel_workers: 0\ndevice: cpu\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # a terminal's Ctrl-C: SIGINT at its default disposition, which a test run started in the background
+    # (`cmd &`) would otherwise pass on as ignored, so that Python never raises KeyboardInterrupt
     process = subprocess.Popen(
         [sys.executable, "-m", "shufflenetv2", "predict", str(weights), str(tmp_path / "photos"), "-c", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         first = process.stdout.readline()  # a result: the images are being classified
