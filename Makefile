@@ -23,9 +23,11 @@ demo: $(STAMP)
 	$(PY) validate.py -c $(DEMO_CONFIG) --ckpt_path $(DEMO_DIR)/shufflenet_v2_x0_5_best.safetensors
 	@echo "checkpoints, result.log, metrics.jsonl and curves.png are in $(DEMO_DIR)/"
 
+# one pytest worker per core, at most 4 (each is a torch process), fed one test at a time, slow ones first
+# (tests/conftest.py); `$(PY) -m pytest -n 0` runs the suite in one process
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --maxschedchunk 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -11,6 +11,27 @@ SHARED = Path(os.environ.get("SHUFFLENETV2_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "mindcv"
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist every worker is a torch process that would start one OpenMP thread per core:
+    2 workers on 2 cores ran 4 threads that spun waiting for each other.  Each worker, and the processes
+    its tests start (through OMP_NUM_THREADS, unless it is set), gets its share of the cores instead."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow first (a stable sort).  `make test` hands each pytest-xdist worker one test at a
+    time in this order (``--maxschedchunk 1``), so the 1-3 minute tests start early and the many short
+    ones fill the gaps, rather than one worker running a long test at the end while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def shared_file(relative: str) -> Path:
     """A file under ../shared, or a skip saying why (users cloning the repo do not have it)."""
     path = SHARED / relative

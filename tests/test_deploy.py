@@ -427,6 +427,7 @@ def test_unrolled_depthwise_keeps_a_bf16_activation_in_bf16() -> None:
     assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@pytest.mark.slow
 def test_compiled_fused_model_keeps_the_logits() -> None:
     """fuse(compile=True) unrolls the depthwise convolutions for inductor: same logits (< 1e-4)."""
     model = _model("shufflenet_v2_x0_5", "mindcv")
@@ -438,6 +439,7 @@ def test_compiled_fused_model_keeps_the_logits() -> None:
         assert (got - model(x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> None:
     """fuse(freeze=True): same logits at two batch sizes (the second recompiles, frozen too); the compiled
     code calls oneDNN convolutions on weights packed at compile time, never ``aten.convolution``; and the
@@ -462,6 +464,7 @@ def test_frozen_fused_model_keeps_the_logits_and_packs_its_weights_once() -> Non
     assert inductor_config.freezing is False
 
 
+@pytest.mark.slow
 def test_frozen_fused_model_runs_under_bfloat16_autocast(tmp_path: Path) -> None:
     """How benchmarks/gpu.sh runs the frozen rows (bf16 autocast), checked on the CPU: the weights are
     cast once inside the frozen graph, and the logits stay those of the float32 model to bf16 precision."""
@@ -474,6 +477,7 @@ def test_frozen_fused_model_runs_under_bfloat16_autocast(tmp_path: Path) -> None
     assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@pytest.mark.slow
 def test_torchvision_frozen_row_computes_torchvisions_logits(tmp_path: Path) -> None:
     """The peer gets the same freezing as ours (channels_last, oneDNN packing), and must still be itself."""
     theirs = _model("shufflenet_v2_x0_5", "torchvision", seed=1)  # logits that depend on the image

@@ -188,6 +188,7 @@ def reference_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "whole_group"),
     [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],

@@ -170,6 +170,7 @@ def test_the_calibrated_test_models_logits_depend_on_the_image() -> None:
     assert_depends_on_the_image(calibrated(create_model("shufflenet_v2_x0_5", num_classes=10)), size=224)
 
 
+@pytest.mark.slow
 def test_blocks_train_compiled_under_bfloat16_autocast() -> None:
     """How ``gpu.sh`` trains (mode 0, bf16 autocast, channels_last), on two blocks so the CPU compiles in
     seconds: our BatchNorm and even/odd split, compiled under autocast, stay as close to the float32 step as

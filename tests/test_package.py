@@ -53,6 +53,7 @@ def package(exported: tuple[Path, str]) -> Path:
     return exported[0]
 
 
+@pytest.mark.slow
 def test_package_gives_the_models_logits_in_either_memory_layout(model: nn.Module, package: Path) -> None:
     compiled = load_package(package)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -142,6 +143,7 @@ def test_export_command_writes_a_package_for_one_batch_size(
     assert "--batch applies to --aot packages only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_package_of_mindcvs_own_checkpoint_reproduces_mindcvs_logits(tmp_path: Path) -> None:
     ckpt = shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.ckpt")
     reference = np.load(shared_file("fixtures/mindcv/shufflenet_v2_x0_5_c10.npz"))
@@ -151,6 +153,7 @@ def test_package_of_mindcvs_own_checkpoint_reproduces_mindcvs_logits(tmp_path: P
     assert (compiled(x) - torch.from_numpy(reference["logits_224"])).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_bench_packages_torchvisions_model_too_and_only_in_float32(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -262,6 +262,7 @@ def _run(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
 
 
+@pytest.mark.slow
 def test_seed_commands(tiny_data: Path, tmp_path: Path) -> None:
     """MindCV's own command lines: train.py --config ... --data_dir ... --distribute False, then validate.py."""
     cfg = tiny_config(tiny_data, tmp_path / "ckpt", epoch_size=1, warmup_epochs=0)
