@@ -22,6 +22,7 @@ same results, slower.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 from collections.abc import Callable, Iterator
@@ -36,6 +37,20 @@ _LIBRARY = re.compile(r"(/[^\s:'\"]+\.so)\b")
 _MAX_REPAIRS = 16  # each repair removes one more broken library; a run leaves one or two
 
 
+class _DropProfilerLabelNote(logging.Filter):
+    """DistributedDataParallel's forward opens a profiler ``record_function`` label, which dynamo does not
+    trace, and dynamo logs "Profiler record function <class ...> will be ignored" about it: a warning in
+    every compiled DDP run, printed by each of torchrun's processes.  It says only that profiler traces of
+    the compiled step lack DDP's label; nothing about the run is wrong, so it is dropped (only for DDP)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Profiler ") and message.endswith(" will be ignored"))
+
+
+_DDP_LABEL_NOTE = _DropProfilerLabelNote()
+
+
 class CompiledOrEager(nn.Module):
     """``torch.compile(module)``, or ``module`` itself once compiling has failed.
 
@@ -46,6 +61,9 @@ class CompiledOrEager(nn.Module):
 
     def __init__(self, module: nn.Module, what: str, warn: Callable[[str], None]) -> None:
         super().__init__()
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            for where in ("ctx_manager", "torch"):  # the record_function context; a profiler call
+                logging.getLogger(f"torch._dynamo.variables.{where}").addFilter(_DDP_LABEL_NOTE)
         self._orig_mod = module
         self.__dict__["_compiled"] = torch.compile(module)  # not registered: the same module a second time
         self.what = what

@@ -176,6 +176,38 @@ with compilers_finish_on_signals() if kind == "blocked" else contextlib.nullcont
         assert (tmp_path / kind).exists() == survives and (int(out) == 0) == survives, kind
 
 
+# A one-process gloo group, a DistributedDataParallel module compiled by CompiledOrEager ("ours") or by
+# torch.compile itself ("plain"), one training step; prints whether the compiled call ran.
+DDP_CHILD = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from shufflenetv2.compiling import CompiledOrEager
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+net = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(16, 8), nn.ReLU()))
+compiled = CompiledOrEager(net, "training", print) if sys.argv[1] == "ours" else torch.compile(net)
+compiled(torch.randn(4, 16)).sum().backward()
+dist.destroy_process_group()
+print("compiled" if getattr(compiled, "failure", None) is None else "eager")
+"""
+
+
+@needs_gxx
+def test_a_compiled_ddp_step_logs_no_profiler_label_note(tmp_path: Path) -> None:
+    """torch.compile of DDP logs "Profiler record function ... will be ignored" (DDP's forward opens a
+    profiler label) once per process: a warning in every compiled torchrun run.  CompiledOrEager drops it;
+    torch.compile alone still prints it, so the test would notice if torch stopped (or changed the text)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    runs = {}
+    for kind in ("plain", "ours"):
+        command = [sys.executable, "-c", DDP_CHILD, kind, str(tmp_path / f"store-{kind}")]
+        runs[kind] = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert all(run.returncode == 0 for run in runs.values()), {k: r.stderr[-2000:] for k, r in runs.items()}
+    assert "Profiler record function" in runs["plain"].stderr
+    assert runs["ours"].stdout.split() == ["compiled"], runs["ours"].stdout
+    assert "Profiler" not in runs["ours"].stderr, runs["ours"].stderr
+
+
 def test_an_error_of_the_module_itself_is_raised_not_hidden() -> None:
     class Rejects(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
