@@ -93,11 +93,15 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# the same remedy is spelt differently in Python and on the command line
+_LOCAL_COPY = "checkpoint_path=FILE in create_model, --ckpt_path FILE in train.py and validate.py"
+
+
 def _by_hand(url: str, dest: Path) -> str:
     return (
         f"If this machine is offline or cannot reach the server, download {url} by hand (for example on "
         f"another machine) and save it as {dest}; or set {HOME_ENV} to a directory that already holds "
-        f"{dest.name}; or pass checkpoint_path= with a local copy of the weights."
+        f"{dest.name}; or load a local copy of the weights instead ({_LOCAL_COPY})."
     )
 
 
@@ -224,7 +228,7 @@ def download(
             raise
         raise DownloadError(
             f"Could not write {dest} while downloading {url}: {exc}. Set {HOME_ENV} to a writable "
-            f"directory, or download the file by hand and pass checkpoint_path= with its location."
+            f"directory, or download the file by hand and load it from where it lies ({_LOCAL_COPY})."
         ) from exc
     return dest
 

@@ -261,6 +261,7 @@ def test_fetch_pretrained_offline_message(server: _Server, home: Path, monkeypat
     message = str(info.value)
     assert server.base + "/nowhere/shufflenet_v2_x2_0-ed8e698d.ckpt" in message
     assert str(home / "shufflenet_v2_x2_0-ed8e698d.ckpt") in message
+    assert "checkpoint_path=FILE in create_model, --ckpt_path FILE in train.py and validate.py" in message
 
 
 def test_unknown_model_lists_valid_names(home: Path) -> None:
