@@ -35,11 +35,11 @@ def _config(data: Path, out: Path, path: Path) -> Path:
     return path
 
 
-def _torchrun(config: Path, port: int, *extra: str) -> list[str]:
-    """``port`` 0: ``--standalone``, torchrun's c10d rendezvous on a free port, which restarts need (with
-    ``--master_port`` a restarted worker can read its predecessors' addresses from the reused store)."""
-    where = ["--standalone"] if port == 0 else ["--master_port", str(port)]
-    return [str(TORCHRUN), "--nproc_per_node", "2", *where, *extra, str(REPO / "train.py"), "-c", str(config)]
+def _torchrun(config: Path, *extra: str) -> list[str]:
+    """``--standalone``: torchrun's c10d rendezvous on a port it finds free.  Restarts need it (with
+    ``--master_port`` a restarted worker can read its predecessors' addresses from the reused store), and a
+    fixed port collides with another test's torchrun under pytest-xdist (EADDRINUSE)."""
+    return [str(TORCHRUN), "--nproc_per_node", "2", "--standalone", *extra, str(REPO / "train.py"), "-c", str(config)]
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +73,7 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 
 def unbroken(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("unbroken")
     config = _config(tiny_data, out, out.parent / "unbroken.yaml")
-    done = subprocess.run(_torchrun(config, 29561), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -86,7 +86,7 @@ def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(
     out = tmp_path / "run"
     config = _config(tiny_data, out, tmp_path / "run.yaml")
     process = subprocess.Popen(
-        _torchrun(config, 0, "--max-restarts", "2", "--monitor-interval", "0.2"),
+        _torchrun(config, "--max-restarts", "2", "--monitor-interval", "0.2"),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     _wait_for(out / "train_rank1.log", "Epoch: [2/3], batch: [5/6]", process)  # mid-epoch, after an interim save
@@ -109,7 +109,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(
 ) -> None:
     out = tmp_path / "run"
     config = _config(tiny_data, out, tmp_path / "run.yaml")
-    process = subprocess.Popen(_torchrun(config, 29563), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(_torchrun(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
     _wait_for(out / "train_rank0.log", "Epoch: [1/3], batch: [3/6]", process)
     os.kill(_worker_pid(process.pid, rank=1), signal.SIGTERM)
@@ -125,7 +125,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(
     assert logged[0] == logged[1] == state["global_step"] - 1
     assert len(state["rng"]) == 2 and "stopped by a signal on another rank" in stderr
 
-    resumed = subprocess.run(_torchrun(config, 29564), env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(unbroken), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)

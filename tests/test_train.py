@@ -300,7 +300,7 @@ def test_ddp_step_is_the_full_batch_step(tiny_data: Path, tmp_path: Path, layout
     out = tmp_path / "gradients.json"
     worker = REPO / "tests" / "ddp_gradient_worker.py"
     done = _run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(worker), str(tiny_data), str(out),
+        [str(torchrun), "--nproc_per_node", "2", "--standalone", str(worker), str(tiny_data), str(out),
          layout],
         cwd=tmp_path, timeout=240,
     )  # fmt: skip
@@ -330,7 +330,7 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     assert single.returncode == 0, single.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     double = _run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(REPO / "train.py"), "-c",
+        [str(torchrun), "--nproc_per_node", "2", "--standalone", str(REPO / "train.py"), "-c",
          str(config_file), "--ckpt_save_dir", str(tmp_path / "two"), "--batch_size", "4"], cwd=tmp_path,
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
@@ -357,7 +357,7 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
 
     # validate.py on both ranks: each image scored once over the two shards, reported once
     scored = _run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", str(REPO / "validate.py"), "-c",
+        [str(torchrun), "--nproc_per_node", "2", "--standalone", str(REPO / "validate.py"), "-c",
          str(config_file), "--ckpt_path", str(tmp_path / "two" / "shufflenet_v2_x0_5_best.safetensors")],
         cwd=tmp_path,
     )  # fmt: skip
