@@ -228,6 +228,12 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' if threads > 1 else ''} per process)"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset and containers narrow), not all
+    the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def idle_cores_note(threads: int, processes_here: int, cores: int) -> str | None:
     """torchrun sets OMP_NUM_THREADS=1 in every process it starts unless the variable is set, so N training
     processes on a CPU machine compute on N of its cores and leave the rest idle; None when they use them."""
@@ -534,7 +540,7 @@ class Trainer:
                 "network slower than float32 (README, training step); amp_level O0 trains faster here"
             )
         if ctx.device.type == "cpu":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = usable_cores()
             processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             threads_note = idle_cores_note(torch.get_num_threads(), processes_here, cores)
             if threads_note:

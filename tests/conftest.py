@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shufflenetv2.engine import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHUFFLENETV2_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "mindcv"
@@ -18,8 +20,7 @@ def _share_the_cores() -> None:
     is set), gets its share of the cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
