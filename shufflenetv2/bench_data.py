@@ -32,8 +32,9 @@ import torch
 
 from .bench import check_threads
 from .config import Config
-from .data import SeededDataset, build_dataset, collate_train
-from .pipeline import build_batch_transform
+
+# .data and .pipeline are imported where they are used: they import torchvision, which imports
+# torch._dynamo, 1.5 s here that every command would pay, since the CLI's parser reads DATA_BACKENDS.
 
 TRAIN_ONLY = ("ours-fast-whole-decode",)  # the eval transform never decodes a region
 DATA_BACKENDS = (
@@ -72,6 +73,9 @@ def torchvision_classic(root: Path, train: bool, size: int = 224) -> torch.utils
 
 
 def ours(root: Path, train: bool, backend: str, size: int = 224) -> tuple[torch.utils.data.Dataset, Callable | None]:
+    from .data import SeededDataset, build_dataset
+    from .pipeline import build_batch_transform
+
     pipeline = "classic" if backend == "ours-per-image" else "fast"
     cfg = Config(
         dataset="imagefolder", data_dir=str(root.parent), image_resize=size, data_pipeline=pipeline,
@@ -92,6 +96,8 @@ def epoch_runner(
     fetches them: our datasets a batch at a time through the loader's per-sample seeding
     (``SeededDataset.__getitems__``, part of their cost; ``one_by_one`` fetches each sample alone),
     torchvision's ImageFolder one sample at a time."""
+    from .data import SeededDataset, collate_train
+
     seeded = isinstance(dataset, SeededDataset)
 
     def run() -> None:

@@ -188,6 +188,8 @@ class ShuffleNetV2(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """MindCV's init: stem conv and classifier N(0, 0.01), other convs N(0, 1/fan_in_per_group)."""
+        if self.classifier.weight.is_meta:  # shapes only (weights.py): drawing there would import torch._dynamo
+            return
         for name, module in self.named_modules():
             if isinstance(module, nn.Conv2d):
                 std = 0.01 if name.startswith("first") else 1.0 / module.weight.shape[1]

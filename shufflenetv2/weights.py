@@ -367,6 +367,14 @@ def _mindcv_native(state: dict[str, torch.Tensor], arch: dict[str, object]) -> d
     return state
 
 
+def output_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
+    """``fmt``, else the one ``path``'s extension names."""
+    fmt = fmt or EXTENSIONS.get(Path(path).suffix.lower())
+    if fmt not in FORMATS:
+        raise CheckpointError(f"cannot tell the format of {path}: use a .ckpt, .safetensors, .pth or .pt name")
+    return fmt
+
+
 def save_weights(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -381,9 +389,7 @@ def save_weights(
     architecture it cannot express.  ``.ckpt`` is for MindCV.
     """
     path = Path(path)
-    fmt = fmt or EXTENSIONS.get(path.suffix.lower())
-    if fmt not in FORMATS:
-        raise CheckpointError(f"cannot tell the format of {path}: use a .ckpt, .safetensors, .pth or .pt name")
+    fmt = output_format(path, fmt)
     arch = architecture(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fmt == "safetensors":

@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 
 from shufflenetv2 import create_model, read_weights, save_weights
 from shufflenetv2.cli import main
+from shufflenetv2.factory import model_from_weights
+from shufflenetv2.model import LAYOUTS
 
 from .conftest import assert_same_logits, calibrated, logits, shared_file
 
@@ -101,6 +103,78 @@ def test_convert_to_pth_refuses_mindcv_pool_in_torchvision_layout(tmp_path: Path
     save_weights(tmp_path / "m.ckpt", create_model("shufflenet_v2_x0_5"))
     assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "tv.pth"), "--layout", "torchvision"]) == 2
     assert "safetensors" in capsys.readouterr().err
+
+
+def _large_logit_weights(path: Path) -> Path:
+    """Weights whose logits on noise reach 1e4: tight BatchNorm statistics, as in a briefly trained network
+    (a one-epoch hymenoptera checkpoint of ours gave 6e5 on the same input)."""
+    model = create_model("shufflenet_v2_x0_5", num_classes=4)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.fill_(0.05)
+    save_weights(path, model)
+    return path
+
+
+def test_convert_checks_in_float64_so_large_logits_are_not_refused(tmp_path: Path, capsys) -> None:
+    """Float32 rounding alone moves such logits by more than 1e-4 between the layouts, which the absolute
+    float32 check took for a broken conversion: `convert` exited 2 on a valid file.  Now it compares in
+    float64, relative to the logits."""
+    source = read_weights(_large_logit_weights(tmp_path / "m.safetensors"))
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    mindcv_layout, tv_layout = (model_from_weights(source, "shufflenet_v2_x0_5", 4, 3, layout=k) for k in LAYOUTS)
+    float32 = logits(mindcv_layout, x)
+    assert float32.abs().max() > 1e3 and (float32 - logits(tv_layout, x)).abs().max() > 1e-4  # the regime
+
+    assert (
+        main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "tv.safetensors"), "--layout", "torchvision"])
+        == 0
+    )
+    assert main(["convert", str(tmp_path / "tv.safetensors"), str(tmp_path / "back.ckpt"), "--layout", "mindcv"]) == 0
+    assert capsys.readouterr().out.count("in float64") == 2
+    back = create_model("shufflenet_v2_x0_5", num_classes=4, checkpoint_path=tmp_path / "back.ckpt").double()
+    exact = logits(mindcv_layout.double(), x.double())
+    assert (logits(back, x.double()) - exact).abs().max() <= 1e-12 * exact.abs().max()
+
+
+def test_convert_that_changes_the_logits_keeps_the_earlier_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A conversion bug, simulated by a save that nudges one weight, is caught before the file reaches dst."""
+    import shufflenetv2.cli as cli
+
+    def nudged_save(path: Path, model: torch.nn.Module, **kwargs: object) -> Path:
+        with torch.no_grad():
+            model.state_dict()["fc.weight"][0, 0] += 1e-3
+        return save_weights(path, model, **kwargs)
+
+    monkeypatch.setattr(cli, "save_weights", nudged_save)
+    _large_logit_weights(tmp_path / "m.safetensors")
+    (tmp_path / "tv.safetensors").write_bytes(b"an earlier file")
+    assert (
+        main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "tv.safetensors"), "--layout", "torchvision"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "changed its logits by" in err and "was not written" in err
+    assert (tmp_path / "tv.safetensors").read_bytes() == b"an earlier file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "tv.safetensors"]  # no temporary left
+
+
+def test_weight_commands_import_neither_torchvision_nor_the_compiler(tmp_path: Path) -> None:
+    """torchvision imports torch._dynamo (1.5 s here), as does initialising a network on the meta device:
+    `--help`, `info`, `convert` and `summary` need neither, and took 3.8-4.5 s instead of 2.1-2.5 with them."""
+    save_weights(tmp_path / "m.safetensors", create_model("shufflenet_v2_x0_5", num_classes=3))
+    script = (
+        "import sys; from shufflenetv2.cli import main; "
+        f"main(['info', {str(tmp_path / 'm.safetensors')!r}]); "
+        f"main(['convert', {str(tmp_path / 'm.safetensors')!r}, {str(tmp_path / 'tv.safetensors')!r}, "
+        "'--layout', 'torchvision']); main(['summary', 'shufflenet_v2_x0_5', '--no-layers']); "
+        "print([m for m in ('torchvision', 'torch._dynamo') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert '"model": "shufflenet_v2_x0_5"' in done.stdout and "wrote " in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout
 
 
 def test_info_describes_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
