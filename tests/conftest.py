@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from shufflenetv2.engine import usable_cores
 
@@ -32,6 +35,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     time in this order (``--maxschedchunk 1``), so the 1-3 minute tests start early and the many short
     ones fill the gaps, rather than one worker running a long test at the end while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session, which the tests must only read.
+
+    pytest-xdist builds a module fixture once in every worker that runs one of its tests, and its
+    grouping, which would keep such tests on one worker, is ignored under pytest 9.2 (pytest-xdist
+    #1386): in a fresh-clone run the AOT package of test_package.py was compiled three times (60 + 32 +
+    31 s) and the torchrun reference of test_distributed_fault.py twice (46 + 45 s).  Here the first
+    worker that needs the folder builds it under a file lock in the session's temporary folder, above
+    each worker's own, and the others wait for it.  A build that fails leaves no folder behind, so the
+    next test to need it tries again and fails with its own message."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, above each worker's popen-gwK/
+    folder = base / name
+    with FileLock(f"{folder}.lock"):
+        if not (base / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            (base / f"{name}.built").touch()
+    return folder
 
 
 def shared_file(relative: str) -> Path:

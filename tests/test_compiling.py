@@ -25,6 +25,7 @@ from shufflenetv2 import create_model, save_weights
 from shufflenetv2.compiling import CompiledOrEager, compilers_finish_on_signals, cxx_compiler_missing
 from shufflenetv2.engine import validate
 
+from .conftest import built_once
 from .test_train import tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,11 +85,13 @@ def filled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A compile cache holding the small module's libraries, as a first run leaves it."""
     if shutil.which("g++") is None:
         pytest.skip("torch.compile on a CPU needs g++")
-    cache = tmp_path_factory.mktemp("inductor")
-    result = child_result(run_child("ours", cache))
-    assert result["match"] and result["warnings"] == [] and result["failure"] is None
-    assert libraries(cache), "the compile wrote no library"
-    return cache
+
+    def build(cache: Path) -> None:
+        result = child_result(run_child("ours", cache))
+        assert result["match"] and result["warnings"] == [] and result["failure"] is None
+        assert libraries(cache), "the compile wrote no library"
+
+    return built_once(tmp_path_factory, "filled_inductor_cache", build)  # once per session, tests copy it
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import yaml
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.interrupt import EXIT_INTERRUPTED
 
+from .conftest import built_once
 from .test_train import final_weights, tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +72,14 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 
 
 @pytest.fixture(scope="module")
 def unbroken(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    out = tmp_path_factory.mktemp("unbroken")
-    config = _config(tiny_data, out, out.parent / "unbroken.yaml")
-    done = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    """The run without faults, once per session (``built_once``; tiny_data is the same in every worker)."""
+
+    def build(folder: Path) -> None:
+        config = _config(tiny_data, folder / "run", folder / "unbroken.yaml")
+        done = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "unbroken_ddp", build) / "run"
 
 
 def test_killed_worker_restarts_and_resumes_from_the_last_checkpoint(

@@ -22,6 +22,7 @@ from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.engine import Trainer, TrainingError, train
 from shufflenetv2.interrupt import EXIT_INTERRUPTED, StopRequest, TrainingInterrupted
 
+from .conftest import built_once
 from .test_train import COLOURS, final_weights, tiny_config, tiny_data  # noqa: F401 - tiny_data is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,11 +182,14 @@ def _train(config: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    out = tmp_path_factory.mktemp("reference")
-    config = _config_file(tiny_data, out, out.parent / "reference.yaml")
-    done = subprocess.run(_train(config), env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return out
+    """The uninterrupted run, once per session (``built_once``; tiny_data is the same in every worker)."""
+
+    def build(folder: Path) -> None:
+        config = _config_file(tiny_data, folder / "run", folder / "reference.yaml")
+        done = subprocess.run(_train(config), env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    return built_once(tmp_path_factory, "reference_run", build) / "run"
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from shufflenetv2.bench import _runner, torchvision_model
 from shufflenetv2.cli import main
 from shufflenetv2.model import build_network
 
-from .conftest import calibrated, shared_file
+from .conftest import built_once, calibrated, shared_file
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch._inductor, "aoti_compile_and_package"), reason="AOTInductor packages need torch >= 2.6"
@@ -31,21 +31,26 @@ SHAPE = (2, 3, 64, 64)
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
+    torch.manual_seed(3)  # the same weights in every pytest-xdist worker, whichever compiled the package
     return calibrated(build_network("shufflenet_v2_x0_5", 1000, 3, "mindcv"), seed=3)
 
 
 @pytest.fixture(scope="module")
 def exported(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The package every test here reads, written as a user would write it: ``shufflenetv2 export --aot``
-    from a weights file (one compile for the module; each takes 20-50 s on 2 cores).  Returns the package
-    and what the command printed."""
-    folder = tmp_path_factory.mktemp("package")
-    src = save_weights(folder / "x05.safetensors", model)
-    argv = ["export", str(src), str(folder / "x05.pt2"), "--aot", "--batch", "2", "--input-size", "64"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(argv) == 0
-    return folder / "x05.pt2", printed.getvalue()
+    from a weights file, once per session (``built_once``: each compile takes 30-60 s on 2 cores; ``model``
+    is seeded, so every worker's is the one compiled).  Returns the package and what the command printed."""
+
+    def build(folder: Path) -> None:
+        src = save_weights(folder / "x05.safetensors", model)
+        argv = ["export", str(src), str(folder / "x05.pt2"), "--aot", "--batch", "2", "--input-size", "64"]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(argv) == 0
+        (folder / "printed.txt").write_text(printed.getvalue())
+
+    folder = built_once(tmp_path_factory, "aot_package", build)
+    return folder / "x05.pt2", (folder / "printed.txt").read_text()
 
 
 @pytest.fixture(scope="module")
