@@ -111,6 +111,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from None
 
 
+def _training_state_message(path: Path) -> str:
+    """Where the weights are, for a checkpoint's ``.state.pt`` passed in their place: it sits beside them
+    in a listing, and its EMA entry is the trainer's EMA state, not a weight file."""
+    from .checkpoint import EMA_SUFFIX, STATE_SUFFIX, WEIGHTS_SUFFIX  # checkpoint.py imports this module
+
+    stem = path.name.removesuffix(STATE_SUFFIX)
+    ema_copy = path.with_name(stem + EMA_SUFFIX)
+    return (
+        f"{path} is the training state of a checkpoint (optimizer, counters, random states), not its weights: "
+        f"those are in {path.with_name(stem + WEIGHTS_SUFFIX)}"
+        + (f", and their EMA copy in {ema_copy}" if ema_copy.exists() else "")
+        + ". Pass the weights (with --resume_opt True to continue the run, which reads this file from beside them)"
+    )
+
+
 def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
     try:
         # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors,
@@ -132,6 +147,8 @@ def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if {"optimizer", "global_step", "rng"} <= obj.keys():
+        raise CheckpointError(_training_state_message(path))
     if ema:
         found = next((k for k in PTH_EMA_KEYS if isinstance(obj.get(k), dict)), None)
         if found is None:
@@ -170,7 +187,11 @@ def _network_tensors(raw: dict[str, torch.Tensor], ema: bool, source: str) -> tu
         averaged = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
         tensors = {**tensors, **averaged}  # BN statistics are not averaged in MindCV: they stay the network's
     elif ema:
-        raise CheckpointError(f"{source} holds no EMA weights (no 'ema.*' tensors); load it without ema=True")
+        from .checkpoint import EMA_SUFFIX, WEIGHTS_SUFFIX  # checkpoint.py imports this module
+
+        copy = Path(source).with_name(Path(source).name.removesuffix(WEIGHTS_SUFFIX) + EMA_SUFFIX)
+        where = f"; this checkpoint's EMA copy is {copy}: pass that file, without --ema" if copy.exists() else ""
+        raise CheckpointError(f"{source} holds no EMA weights (no 'ema.*' tensors); load it without ema=True{where}")
     known = {p for names in TOP_LEVEL.values() for p in names}
     network = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in known}
     skipped = [k for k in tensors if k not in network]

@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,6 +401,21 @@ def test_mode_0_compiles_and_reports_compile_time(tiny_data: Path, tmp_path: Pat
     assert "first validation took" in log
     assert "torch.compile failed" not in log and "runs eager from here on" not in log  # compiled, no fallback
     assert result.last is not None and result.last.count == 18
+
+
+def test_a_checkpoints_state_file_passed_as_weights_names_the_weight_files(tiny_data: Path, tmp_path: Path) -> None:
+    """`.state.pt` sits beside the weights and is easily picked for them (validate, info, --ckpt_path), and
+    `--ema` on the weights looks for 'ema.*' tensors that our runs write to a file of their own."""
+    train(tiny_config(tiny_data, tmp_path, epoch_size=1, ema=True, ema_decay=0.9))
+    ref = list_checkpoints(tmp_path)[-1]
+    assert ref.ema.exists()
+    for ema in (False, True):
+        with pytest.raises(CheckpointError, match="is the training state of a checkpoint") as raised:
+            read_weights(ref.state, ema=ema)
+        assert f"in {ref.weights}, and their EMA copy in {ref.ema}." in str(raised.value)
+    with pytest.raises(CheckpointError, match=f"this checkpoint's EMA copy is {re.escape(str(ref.ema))}"):
+        read_weights(ref.weights, ema=True)
+    assert read_weights(ref.ema).arch["model"] == "shufflenet_v2_x0_5"  # the file the messages name
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Path, tmp_path: Path) -> None:
