@@ -574,13 +574,28 @@ def _validate_run(cfg: Config) -> None:
                 "train checkpoint), or leave ckpt_path empty"
             )
         if path.is_dir():
-            raise ConfigError(f"ckpt_path {path} is a folder; set it to a weight file in it")
+            raise ConfigError(f"ckpt_path {path} is a folder; set it to a weight file in it{_weight_files_in(path)}")
     for key in ("ckpt_save_dir", "output_dir"):
         value = getattr(cfg, key)
         blocker = _file_in_the_way(value) if value else None
         if blocker is not None:
             problem = "is a file" if blocker == Path(value).expanduser() else f"cannot be created: {blocker} is a file"
             raise ConfigError(f"{key} {value} {problem}, not a folder; choose another {key} or move that file")
+
+
+def _weight_files_in(folder: Path) -> str:
+    """The files a folder passed as ckpt_path was most likely meant for: a run's newest checkpoint and
+    its best, else the first few weight files by name."""
+    from .checkpoint import WEIGHTS_SUFFIX, list_checkpoints  # checkpoint.py imports torch and the model
+
+    newest = list_checkpoints(folder)[-1:]
+    files = [ref.weights for ref in newest] + sorted(folder.glob(f"*_best{WEIGHTS_SUFFIX}"))
+    if newest:
+        return f" (the newest checkpoint there is {files[0].name}" + (
+            f", the best {files[1].name})" if files[1:] else ")"
+        )
+    files += sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pth", ".pt"))[:3]
+    return f" ({', '.join(dict.fromkeys(p.name for p in files))})" if files else " (it holds no weight file)"
 
 
 _NO_VALUE = re.compile(r"argument (?:\S+/)?(\S+): expected one argument")

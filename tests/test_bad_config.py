@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shufflenetv2 import create_model, save_weights
+from shufflenetv2.checkpoint import checkpoint_ref, save_checkpoint
 from shufflenetv2.cli import main
 from shufflenetv2.config import MODELS, from_dict, load_yaml
 from shufflenetv2.model import WIDTHS
@@ -56,7 +58,7 @@ CONFIG_ERRORS = [
     ("drop_classifier_with_resume_opt", ["--drop_classifier", "True", "--resume_opt", "True", "--ckpt_path", "{tmp}"],
      None, ["drop_classifier True", "resume_opt True continues a run", "resume_opt False"]),
     ("ckpt_path_missing", ["--ckpt_path", "{tmp}/missing.safetensors"], None, ["ckpt_path", "does not exist"]),
-    ("ckpt_path_is_a_folder", ["--ckpt_path", "{tmp}"], None, ["ckpt_path", "is a folder"]),
+    ("ckpt_path_is_a_folder", ["--ckpt_path", "{tmp}"], None, ["ckpt_path", "is a folder", "holds no weight file"]),
     ("model_unknown", ["--model", "resnet50"], None, ["model", "'resnet50'", "shufflenet_v2_x0_5"]),
     ("in_channels_not_3", ["--in_channels", "1"], None, ["in_channels", "RGB", "set in_channels 3"]),
     ("builtin_dataset_classes", ["--dataset", "cifar100", "--num_classes", "10"], None,
@@ -174,6 +176,19 @@ def test_validate_mistakes_are_one_line(
 ) -> None:
     status, err = _run(_argv(tmp, "validate", extra), capsys)
     _assert_one_error_paragraph(status, err, words)
+
+
+def test_a_run_folder_as_ckpt_path_names_its_newest_and_best_weights(
+    tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp / "run"
+    model = create_model("shufflenet_v2_x0_5", num_classes=3)
+    for epoch in (1, 2, 10):  # newest by epoch, not by name
+        save_checkpoint(checkpoint_ref(run, "shufflenet_v2_x0_5", epoch, 6 * epoch), model, {"epoch": epoch})
+    save_weights(run / "shufflenet_v2_x0_5_best.safetensors", model)
+    status, err = _run(_argv(tmp, "validate", ["--ckpt_path", str(run)]), capsys)
+    newest = "the newest checkpoint there is shufflenet_v2_x0_5-10_60.safetensors"
+    _assert_one_error_paragraph(status, err, ["is a folder", newest, "the best shufflenet_v2_x0_5_best.safetensors"])
 
 
 def test_the_good_run_the_cases_start_from_is_valid(tmp: Path) -> None:
