@@ -589,12 +589,12 @@ def _weight_files_in(folder: Path) -> str:
     from .checkpoint import WEIGHTS_SUFFIX, list_checkpoints  # checkpoint.py imports torch and the model
 
     newest = list_checkpoints(folder)[-1:]
-    files = [ref.weights for ref in newest] + sorted(folder.glob(f"*_best{WEIGHTS_SUFFIX}"))
+    best = sorted(folder.glob(f"*_best{WEIGHTS_SUFFIX}"))[:1]
     if newest:
-        return f" (the newest checkpoint there is {files[0].name}" + (
-            f", the best {files[1].name})" if files[1:] else ")"
+        return (
+            f" (the newest checkpoint there is {newest[0].weights.name}{''.join(f', the best {p.name}' for p in best)})"
         )
-    files += sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pth", ".pt"))[:3]
+    files = best + sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pth", ".pt"))[:3]
     return f" ({', '.join(dict.fromkeys(p.name for p in files))})" if files else " (it holds no weight file)"
 
 

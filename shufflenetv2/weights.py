@@ -147,7 +147,7 @@ def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    if {"optimizer", "global_step", "rng"} <= obj.keys():
+    if {"optimizer", "global_step", "rng"} <= obj.keys():  # a run checkpoint's .state.pt (checkpoint.py)
         raise CheckpointError(_training_state_message(path))
     if ema:
         found = next((k for k in PTH_EMA_KEYS if isinstance(obj.get(k), dict)), None)

@@ -126,15 +126,13 @@ def test_convert_checks_in_float64_so_large_logits_are_not_refused(tmp_path: Pat
     float32 = logits(mindcv_layout, x)
     assert float32.abs().max() > 1e3 and (float32 - logits(tv_layout, x)).abs().max() > 1e-4  # the regime
 
-    assert (
-        main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "tv.safetensors"), "--layout", "torchvision"])
-        == 0
-    )
-    assert main(["convert", str(tmp_path / "tv.safetensors"), str(tmp_path / "back.ckpt"), "--layout", "mindcv"]) == 0
+    src, tv, back = (str(tmp_path / name) for name in ("m.safetensors", "tv.safetensors", "back.ckpt"))
+    assert main(["convert", src, tv, "--layout", "torchvision"]) == 0
+    assert main(["convert", tv, back, "--layout", "mindcv"]) == 0
     assert capsys.readouterr().out.count("in float64") == 2
-    back = create_model("shufflenet_v2_x0_5", num_classes=4, checkpoint_path=tmp_path / "back.ckpt").double()
+    converted = create_model("shufflenet_v2_x0_5", num_classes=4, checkpoint_path=back).double()
     exact = logits(mindcv_layout.double(), x.double())
-    assert (logits(back, x.double()) - exact).abs().max() <= 1e-12 * exact.abs().max()
+    assert (logits(converted, x.double()) - exact).abs().max() <= 1e-12 * exact.abs().max()
 
 
 def test_convert_that_changes_the_logits_keeps_the_earlier_file(
@@ -149,15 +147,12 @@ def test_convert_that_changes_the_logits_keeps_the_earlier_file(
         return save_weights(path, model, **kwargs)
 
     monkeypatch.setattr(cli, "save_weights", nudged_save)
-    _large_logit_weights(tmp_path / "m.safetensors")
-    (tmp_path / "tv.safetensors").write_bytes(b"an earlier file")
-    assert (
-        main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "tv.safetensors"), "--layout", "torchvision"])
-        == 2
-    )
+    src, dst = _large_logit_weights(tmp_path / "m.safetensors"), tmp_path / "tv.safetensors"
+    dst.write_bytes(b"an earlier file")
+    assert main(["convert", str(src), str(dst), "--layout", "torchvision"]) == 2
     err = capsys.readouterr().err
     assert "changed its logits by" in err and "was not written" in err
-    assert (tmp_path / "tv.safetensors").read_bytes() == b"an earlier file"
+    assert dst.read_bytes() == b"an earlier file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "tv.safetensors"]  # no temporary left
 
 
