@@ -587,6 +587,7 @@ def _weight_files_in(folder: Path) -> str:
     """The files a folder passed as ckpt_path was most likely meant for: a run's newest checkpoint and
     its best, else the first few weight files by name."""
     from .checkpoint import WEIGHTS_SUFFIX, list_checkpoints  # checkpoint.py imports torch and the model
+    from .weights import EXTENSIONS
 
     newest = list_checkpoints(folder)[-1:]
     best = sorted(folder.glob(f"*_best{WEIGHTS_SUFFIX}"))[:1]
@@ -594,7 +595,7 @@ def _weight_files_in(folder: Path) -> str:
         return (
             f" (the newest checkpoint there is {newest[0].weights.name}{''.join(f', the best {p.name}' for p in best)})"
         )
-    files = best + sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pth", ".pt"))[:3]
+    files = best + sorted(p for p in folder.iterdir() if p.suffix in EXTENSIONS)[:3]
     return f" ({', '.join(dict.fromkeys(p.name for p in files))})" if files else " (it holds no weight file)"
 
 
