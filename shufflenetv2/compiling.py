@@ -1,7 +1,8 @@
 """torch.compile for the training loop and validate.py, made so that compiling can never cost a run.
 
-MindCV's recipes say ``mode: 0``, so ``train.py`` compiles evaluation (and, on a GPU, training) by
-default, and the first compiled call comes after a whole epoch of training.  Three failures met there:
+MindCV's recipes say ``mode: 0``, so on a GPU (and on a CPU with ``compile_on_cpu``) ``train.py`` compiles
+training and evaluation by default, and the first compiled evaluation comes after a whole epoch of
+training.  Three failures met there (on a CPU, when mode 0 still compiled evaluation by default):
 
 - **No C++ compiler** (a slim container): inductor raises ``InvalidCxxCompiler`` at that first call.
 - **Ctrl-C while it compiles** (it takes about a minute on a CPU, right after epoch 1): the terminal's

@@ -73,8 +73,9 @@ class Config:
 
     # system
     mode: int = 0  # 0: compiled (MindSpore graph mode -> torch.compile), 1: eager (pynative)
-    # ours: on a CPU mode 0 compiles evaluation only, because torch.compile trains this network slower there
-    # (0.67-0.88x eager channels_last in every bench run, after a minute of compiling); True compiles training too
+    # ours: on a CPU mode 0 compiles nothing, because torch.compile trains this network slower there (0.67-0.88x
+    # eager channels_last in every bench run, after a minute of compiling) and evaluates it no faster than the
+    # fused inference model (engine.evaluates_fused); True compiles both, as on a GPU
     compile_on_cpu: bool = False
     distribute: bool = False  # under torchrun it is switched on when WORLD_SIZE > 1
     val_while_train: bool = False

@@ -46,14 +46,17 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # in eval mode both are the affine map of their running statistics
+
+
 def fold_all_batchnorms(module: nn.Module) -> nn.Module:
-    """Every Conv2d directly followed by a BatchNorm2d inside an ``nn.Sequential`` becomes one conv."""
+    """Every Conv2d directly followed by a BatchNorm inside an ``nn.Sequential`` becomes one conv."""
     for child in module.children():
         fold_all_batchnorms(child)
     if isinstance(module, nn.Sequential):
         layers = list(module)
         for i in range(len(layers) - 1):
-            if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+            if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], BATCHNORMS):
                 module[i] = fold_batchnorm(layers[i], layers[i + 1])
                 module[i + 1] = nn.Identity()
     return module
@@ -156,6 +159,9 @@ class FusedShuffleNetV2(nn.Module):
     def __init__(self, model: ShuffleNetV2) -> None:
         super().__init__()
         model = fold_all_batchnorms(copy.deepcopy(model).eval())
+        unfolded = [name for name, m in model.named_modules() if isinstance(m, BATCHNORMS)]
+        if unfolded:  # the storage orders below move channels in the convolutions only, not in a BatchNorm
+            raise ValueError(f"fuse: BatchNorm {unfolded[0]} follows no convolution; it cannot be folded")
         self.in_channels, self.num_classes = model.in_channels, model.num_classes
         self.first_conv, self.max_pool = model.first_conv, model.max_pool
         blocks: list[nn.Module] = []

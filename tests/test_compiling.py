@@ -235,14 +235,24 @@ def test_the_block_is_lifted_afterwards() -> None:
 
 @pytest.mark.slow
 def test_validate_without_a_cxx_compiler_warns_once_and_gives_eager_metrics(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    """mode 0 (every MindCV recipe) on a machine without g++: one warning, then the metrics of mode 1."""
+    """mode 0 (every MindCV recipe) compiling on a CPU as on a GPU (compile_on_cpu), on a machine without g++:
+    one warning, then the metrics of mode 1."""
     weights = tmp_path / "weights.safetensors"
     save_weights(weights, create_model("shufflenet_v2_x0_5", num_classes=3))
     cfg = tiny_config(tiny_data, tmp_path / "run", ckpt_path=str(weights))
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(values))
-    command = [sys.executable, str(REPO / "validate.py"), "-c", str(config_file), "--mode", "0"]
+    command = [
+        sys.executable,
+        str(REPO / "validate.py"),
+        "-c",
+        str(config_file),
+        "--mode",
+        "0",
+        "--compile_on_cpu",
+        "True",
+    ]
     no_compiler = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
     compiled = subprocess.run(command, env=no_compiler, capture_output=True, text=True, cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
@@ -284,17 +294,20 @@ def test_a_working_cxx_compiler_is_found() -> None:
 
 @pytest.mark.slow
 def test_train_without_a_cxx_compiler_finishes_and_saves(tiny_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    """mode 0 on a CPU compiles the validation after epoch 1: without g++ that crashed the run, unsaved."""
+    """mode 0 compiling on a CPU (compile_on_cpu, as on a GPU) without g++: the training step falls back to eager
+    at once, and the validation after epoch 1, which crashed the run unsaved before, does the same."""
     cfg = tiny_config(tiny_data, tmp_path / "run", epoch_size=1, warmup_epochs=0)
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(values))
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
-    command = [sys.executable, str(REPO / "train.py"), "-c", str(config_file), "--mode", "0", "--device", "cpu"]
+    command = [sys.executable, str(REPO / "train.py"), "-c", str(config_file), "--mode", "0", "--device", "cpu",
+               "--compile_on_cpu", "True"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     log = (tmp_path / "run" / "train_rank0.log").read_text()
     assert "no C++ compiler found, so what it compiles will run eager: install g++)" in log.splitlines()[0]
+    assert log.count("warning: torch.compile failed for training (InvalidCxxCompiler") == 1
     assert log.count("warning: torch.compile failed for validation (InvalidCxxCompiler") == 1
     assert "first validation took" in log and "a failed compile included (it ran eager; see the warning)" in log
     assert "Epoch 1/1 validation: top-1" in log and (tmp_path / "run" / "shufflenet_v2_x0_5-1_6.safetensors").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import importlib.util
 import json
 import shutil
@@ -148,6 +149,30 @@ def test_fuse_leaves_the_original_untouched() -> None:
     fuse(model)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 56
+
+
+def test_a_model_with_sync_batchnorm_fuses_to_the_same_logits() -> None:
+    """Training with sync_bn on GPUs converts the BatchNorms to nn.SyncBatchNorm (in place), and mode 0's
+    evaluation on a CPU and ``predict`` fuse what the run trained; in eval mode it is a plain BatchNorm."""
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 56
+    fused = fuse(synced)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) for m in fused.modules())
+    x = _inputs()[0]
+    with torch.no_grad():
+        expected = model(x)
+        assert (fused(x) - expected).abs().max() < 1e-4 and expected.abs().max() > 1.0
+
+
+def test_a_batchnorm_that_cannot_be_folded_is_an_error_not_wrong_logits() -> None:
+    """The fused blocks permute channels in the convolutions' weights; a BatchNorm left between them would
+    scale the wrong channels without any error."""
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    branch = model.features[1].branch_main
+    branch[0] = nn.Sequential(branch[0])  # the convolution hidden one level down: its BatchNorm no longer follows it
+    with pytest.raises(ValueError, match=r"fuse: BatchNorm features\.1\.branch_main\.1 follows no convolution"):
+        fuse(model)
 
 
 def test_fold_batchnorm_of_a_biased_conv() -> None:
