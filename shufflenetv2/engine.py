@@ -117,6 +117,32 @@ class Precision:
         return f"autocast {str(self.dtype).replace('torch.', '')}{scale}"
 
 
+def bfloat16_kernels_on_cpu() -> bool | None:
+    """Whether oneDNN has its bfloat16 kernels on this CPU (they need AVX-512: BW, VL and DQ); without them
+    torch's bfloat16 convolutions and matrix products fall back to slow generic code.  None when this torch
+    does not say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def cpu_autocast_advice(cfg: Config, precision: Precision, device: torch.device) -> tuple[bool, str] | None:
+    """What to tell a run that autocasts on a CPU, and whether it is a warning (no bfloat16 kernels here:
+    x0.5 at batch 32 trained 15x slower than in float32 and evaluated 6x slower on an AVX2 CPU,
+    benchmarks/results/cpu_bf16_avx2) or a note (with them: 0.72-0.75x in training, Intel AVX-512 VM)."""
+    if device.type != "cpu" or precision.dtype is None:
+        return None
+    what = f"amp_level {cfg.amp_level} runs under {precision.describe()}"
+    if bfloat16_kernels_on_cpu() is False:
+        return True, (
+            f"{what}, but this CPU lacks the AVX-512 that oneDNN's bfloat16 kernels need, so torch falls back to "
+            "slow code: on such a CPU x0.5 trained 15x and evaluated 6x slower than in float32 (README, training "
+            "step). Pass --amp_level O0"
+        )
+    return False, f"{what}, which on a CPU trains this network slower than float32 (README, training step): try O0"
+
+
 # --- helpers ----------------------------------------------------------------------------------------
 
 
@@ -180,22 +206,24 @@ def evaluate(
     return EvalResult(top1 / count, top5 / count, loss_sum / count, int(count), int(bad), tuple(unreadable))
 
 
-def compiles_training(cfg: Config, device: torch.device) -> bool:
-    """Whether mode 0 compiles the training step here: everywhere but on a CPU, where torch.compile trains
-    this network at 0.67-0.88x the speed of eager channels_last (every ``bench`` run in
-    benchmarks/results, two kinds of CPU) after about a minute of compiling; ``compile_on_cpu`` asks
-    for it anyway."""
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """Whether mode 0 compiles the training step and evaluation here: everywhere but on a CPU, where
+    torch.compile trains this network at 0.67-0.88x the speed of eager channels_last (every ``bench`` run in
+    benchmarks/results, two kinds of CPU) after about a minute of compiling, and evaluation has a faster
+    way (``evaluates_fused``); ``compile_on_cpu`` asks for it anyway."""
     return cfg.mode == 0 and (device.type != "cpu" or cfg.compile_on_cpu)
 
 
 def evaluates_fused(cfg: Config, device: torch.device) -> bool:
     """Whether mode 0 evaluates ``deploy.fuse(model)`` (BatchNorm and the channel shuffle folded into the
-    convolutions, eager) instead of compiling the model: on a CPU, unless ``compile_on_cpu``.  There the
-    fused model evaluates as fast as the compiled one (x0.5 at batch 64: 363 img/s against 359 compiled and
-    242 eager, benchmarks/results/eval_paths; at batch 32 in every ``bench`` run in benchmarks/results,
-    ``ours-fused`` against ``torchvision-compiled``: 0.89-1.21x) without the half minute of compiling first.
-    Its logits differ from the model's by float32 rounding, as compiled logits do."""
-    return cfg.mode == 0 and device.type == "cpu" and not cfg.compile_on_cpu
+    convolutions, eager) instead of compiling the model: on a CPU in float32, unless ``compile_on_cpu``.
+    There the fused model evaluates as fast as the compiled one (x0.5 at batch 64: 363 img/s against 359
+    compiled and 242 eager, benchmarks/results/eval_paths; at batch 32 in every ``bench`` run in
+    benchmarks/results, ``ours-fused`` against ``torchvision-compiled``: 0.89-1.21x) without the half minute
+    of compiling first.  Its logits differ from the model's by float32 rounding, as compiled logits do.
+    Under bfloat16 autocast it is the slower one (29 against 51 img/s eager, x0.5 batch 32 on an AVX2 CPU,
+    benchmarks/results/cpu_bf16_avx2), and compiling gained little there, so mode 0 evaluates eager then."""
+    return cfg.mode == 0 and device.type == "cpu" and not cfg.compile_on_cpu and cfg.amp_level == "O0"
 
 
 def describe_mode(cfg: Config, device: torch.device) -> str:
@@ -203,12 +231,14 @@ def describe_mode(cfg: Config, device: torch.device) -> str:
         return "eager"
     missing = cxx_compiler_missing() if device.type == "cpu" else None
     unable = "; no C++ compiler found, so what it compiles will run eager: install g++" if missing else ""
-    if compiles_training(cfg, device):
+    if compiles(cfg, device):
         return f"torch.compile{unable}"
-    return (
-        "training eager and evaluation on the fused inference model (BatchNorm and shuffle folded): on a CPU the "
-        "first is faster than compiled, the second as fast without compiling; compile_on_cpu True compiles both"
-    )
+    if evaluates_fused(cfg, device):
+        return (
+            "training eager and evaluation on the fused inference model (BatchNorm and shuffle folded): on a CPU the "
+            "first is faster than compiled, the second as fast without compiling; compile_on_cpu True compiles both"
+        )
+    return "eager, which on a CPU trains faster than compiled; compile_on_cpu True compiles"
 
 
 def trains_batchnorm_in_kernels(net: nn.Module, cfg: Config, device: torch.device, autocast: bool) -> bool:
@@ -217,7 +247,7 @@ def trains_batchnorm_in_kernels(net: nn.Module, cfg: Config, device: torch.devic
     dtype, numba installed), asked of ``net``'s first BatchNorm with a small channels_last tensor like its
     activations, and what that test reads from the run's context, which is not in force yet: autocast,
     compilation, and channels_last input."""
-    if autocast or compiles_training(cfg, device) or not cfg.channels_last:
+    if autocast or compiles(cfg, device) or not cfg.channels_last:
         return False
     bn = next((m for m in net.modules() if isinstance(m, nn.BatchNorm2d)), None)
     if bn is None:
@@ -394,13 +424,13 @@ class Trainer:
                 net = dist.convert_sync_batchnorm(net, self.ctx.device)
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             net = self.ddp = DistributedDataParallel(net, device_ids=ids)
-        self.compiled_training = compiles_training(cfg, self.ctx.device)
+        self.compiled_training = compiles(cfg, self.ctx.device)
         self.kernel_training = trains_batchnorm_in_kernels(net, cfg, self.ctx.device, self.precision.dtype is not None)
         self.net = CompiledOrEager(net, "training", self._warn) if self.compiled_training else net
         self.eval_model = self.ema.module if self.ema is not None else self.model
         self.fused_evaluation = evaluates_fused(cfg, self.ctx.device)  # fused again at each validation
         self.eval_net = self.eval_model
-        if cfg.mode == 0 and not self.fused_evaluation:
+        if self.compiled_training:
             self.eval_net = CompiledOrEager(self.eval_model, "validation", self._warn)
 
     def release_directories(self) -> None:
@@ -547,11 +577,13 @@ class Trainer:
             f"input: {pipeline.describe_input(cfg, self.train_set, ctx.device)}"
             f"{describe_batchnorm(ctx.device, self.kernel_training)}"
         )
-        if ctx.device.type == "cpu" and self.precision.dtype is not None:
-            log.info(
-                f"note: amp_level {cfg.amp_level} trains under {self.precision.describe()}, which on a CPU runs this "
-                "network slower than float32 (README, training step); amp_level O0 trains faster here"
-            )
+        advice = cpu_autocast_advice(cfg, self.precision, ctx.device)
+        if advice is not None:
+            warning, message = advice
+            if warning:
+                self._warn(message)
+            else:
+                log.info(f"note: {message}")
         if ctx.device.type == "cpu":
             cores = usable_cores()
             processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -920,9 +952,12 @@ def validate(cfg: Config) -> EvalResult:
         net = model
         if evaluates_fused(cfg, ctx.device):
             net = fuse(model, cfg.channels_last)
-        elif cfg.mode == 0:
+        elif compiles(cfg, ctx.device):
             net = CompiledOrEager(model, "validation", _warn_on(ctx))
         precision = Precision.from_config(cfg, ctx.device)
+        advice = cpu_autocast_advice(cfg, precision, ctx.device)
+        if advice is not None and advice[0]:  # a warning: evaluation here is many times slower than in float32
+            _warn_on(ctx)(advice[1])
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
         loader = eval_loader(cfg, dataset, ctx)
         try:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from shufflenetv2 import batchnorm, create_model, read_weights, save_weights
+from shufflenetv2 import batchnorm, create_model, engine, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.compiling import CompiledOrEager
 from shufflenetv2.config import Config, ConfigError, from_dict
@@ -26,7 +26,8 @@ from shufflenetv2.engine import (
     Precision,
     Trainer,
     TrainingError,
-    compiles_training,
+    bfloat16_kernels_on_cpu,
+    compiles,
     describe_mode,
     evaluates_fused,
     idle_cores_note,
@@ -207,11 +208,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_
     assert list_checkpoints(out)[-1] == good and good.weights.read_bytes() == before
 
 
-def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_data: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_on_cpu_and_fp16_refused(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = train(tiny_config(tiny_data, tmp_path / "bf16", epoch_size=1, warmup_epochs=0, amp_level="O2"))
     assert result.last is not None and result.last.loss == result.last.loss  # finite, not NaN
     log = (tmp_path / "bf16" / "train_rank0.log").read_text()
-    assert "note: amp_level O2 trains under autocast bfloat16, which on a CPU runs this network slower" in log
+    lacking = "warning: amp_level O2 runs under autocast bfloat16, but this CPU lacks the AVX-512 that oneDNN's"
+    if bfloat16_kernels_on_cpu() is False:  # this machine's CPU decides which of the two the run says
+        assert lacking in log and "Pass --amp_level O0" in log and "note: amp_level" not in log
+    else:
+        assert "note: amp_level O2 runs under autocast bfloat16, which on a CPU trains this network slower" in log
+        assert lacking not in log
+    capsys.readouterr()
+    best = tmp_path / "bf16" / "shufflenet_v2_x0_5_best.safetensors"
+    scored = validate(tiny_config(tiny_data, tmp_path, amp_level="O2", ckpt_path=str(best), mode=0))
+    assert scored.count == 18 and (lacking in capsys.readouterr().err) == (bfloat16_kernels_on_cpu() is False)
     assert "; BatchNorm in torch ops" in log.splitlines()[0]  # the numba kernels stand aside under autocast
     if batchnorm.compiled_kernels() is not None:  # and the log says why
         assert "in float32 or float64, without autocast or sync_bn)" in log.splitlines()[0]
@@ -369,6 +381,21 @@ def test_two_process_ddp_follows_one_process(tiny_data: Path, tmp_path: Path) ->
     assert reports[0]["Top_1_Accuracy"] == pytest.approx(m2[-1]["top1"], abs=1e-6)
 
 
+@pytest.mark.parametrize("kernels", [False, True, None])
+def test_autocast_on_a_cpu_without_bfloat16_kernels_is_a_warning(
+    kernels: bool | None, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which CPU the suite runs on decides the branch of the training test above; this covers the others."""
+    monkeypatch.setattr(engine, "bfloat16_kernels_on_cpu", lambda: kernels)
+    cpu, cfg = torch.device("cpu"), tiny_config(tiny_data, tmp_path, amp_level="O3")
+    warning, message = engine.cpu_autocast_advice(cfg, Precision.from_config(cfg, cpu), cpu)
+    assert warning == (kernels is False) and message.startswith("amp_level O3 runs under autocast bfloat16")
+    assert ("15x and evaluated 6x slower" in message) == (kernels is False)
+    assert engine.cpu_autocast_advice(cfg, Precision.from_config(cfg, cpu), torch.device("cuda")) is None
+    float32 = tiny_config(tiny_data, tmp_path, amp_level="O0")
+    assert engine.cpu_autocast_advice(float32, Precision.from_config(float32, cpu), cpu) is None
+
+
 def test_mode_0_on_a_cpu_trains_eager_and_evaluates_the_fused_model(tiny_data: Path, tmp_path: Path) -> None:
     cpu = torch.device("cpu")
     trainer = Trainer(tiny_config(tiny_data, tmp_path, mode=0, device="cpu"))
@@ -377,10 +404,16 @@ def test_mode_0_on_a_cpu_trains_eager_and_evaluates_the_fused_model(tiny_data: P
     assert describe_mode(trainer.cfg, cpu).startswith("training eager and evaluation on the fused inference model")
     compiled = Trainer(tiny_config(tiny_data, tmp_path / "compiled", mode=0, compile_on_cpu=True, device="cpu"))
     assert not compiled.fused_evaluation and isinstance(compiled.eval_net, CompiledOrEager)
-    assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0, compile_on_cpu=True), cpu)
-    assert compiles_training(tiny_config(tiny_data, tmp_path, mode=0), torch.device("cuda"))
+    assert compiles(tiny_config(tiny_data, tmp_path, mode=0, compile_on_cpu=True), cpu)
+    assert compiles(tiny_config(tiny_data, tmp_path, mode=0), torch.device("cuda"))
     assert not evaluates_fused(tiny_config(tiny_data, tmp_path, mode=0), torch.device("cuda"))
-    assert not compiles_training(tiny_config(tiny_data, tmp_path, mode=1, compile_on_cpu=True), torch.device("cuda"))
+    autocast = tiny_config(tiny_data, tmp_path, mode=0, amp_level="O2")  # the fused model is slower under bf16
+    assert not evaluates_fused(autocast, cpu) and not compiles(autocast, cpu)
+    assert (
+        describe_mode(autocast, cpu)
+        == "eager, which on a CPU trains faster than compiled; compile_on_cpu True compiles"
+    )
+    assert not compiles(tiny_config(tiny_data, tmp_path, mode=1, compile_on_cpu=True), torch.device("cuda"))
     eager = Trainer(tiny_config(tiny_data, tmp_path / "eager", mode=1, device="cpu"))
     assert not eager.fused_evaluation and not isinstance(eager.eval_net, CompiledOrEager)
 
