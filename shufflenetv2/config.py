@@ -640,11 +640,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then the YAML file, then the flags that were given."""
+    """Defaults, then the YAML file, then the flags that were given.
+
+    A file's ``lr_global_batch`` says what its own ``lr`` was tuned for, so an ``--lr`` flag drops it unless
+    ``--lr_global_batch`` comes too: otherwise the run's note would tell whoever had already scaled the
+    recipe's lr for their batch to scale it once more."""
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = Config()
     if getattr(args, "config", ""):  # combinations are checked once, after the flags: they may fix the file's
         cfg = from_dict(load_yaml(args.config), where=str(args.config), check=False)
+    if "lr" in given and "lr_global_batch" not in given:
+        given["lr_global_batch"] = None
     return from_dict(given, base=cfg, where="the command line")
 
 

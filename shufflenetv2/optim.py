@@ -150,7 +150,7 @@ def lr_batch_note(cfg: Config, world_size: int, batches_per_epoch: int) -> str |
     ways = []
     if tuned % per_batch == 0 and tuned // per_batch <= batches_per_epoch:  # an epoch must hold one step
         ways.append(f"--gradient_accumulation_steps {tuned // per_batch} (its {tuned} images per step)")
-    scaled = f"--lr {cfg.lr * ratio:.4g}" + (f" --min_lr {cfg.min_lr * ratio:.4g}" if cfg.min_lr else "")
+    scaled = f"--lr {cfg.lr * ratio:.6g}" + (f" --min_lr {cfg.min_lr * ratio:.6g}" if cfg.min_lr else "")
     ways.append(f"the learning rates scaled linearly, {scaled}")
     accumulated = f" x {accum} accumulated" if accum > 1 else ""
     return (

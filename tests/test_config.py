@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from shufflenetv2.config import ALIASES, FIELDS, Config, ConfigError, from_dict, load_yaml, parse_config, to_yaml
+from shufflenetv2.optim import lr_batch_note
 
 from .conftest import REPO
 
@@ -113,6 +114,18 @@ def test_flags_override_yaml() -> None:
     assert cfg.lr == 0.5 and cfg.distribute is False
     assert cfg.epoch_size == 300 and cfg.re_prob == 0.5  # the rest still comes from the file
     assert _parse("--config", recipe, "--batch_size", "32").batch_size == 32
+
+
+def test_an_lr_flag_drops_the_files_lr_global_batch() -> None:
+    """The recipe's lr_global_batch describes the recipe's lr. A run given --lr 0.021875 (0.35 scaled to 32
+    images per step) was told, before, to scale that once more, to --lr 0.001367."""
+    recipe = str(RECIPES / "shufflenet_v2_0.5_ascend.yaml")
+    kept = _parse("-c", recipe, "--batch_size", "32", "--distribute", "False")
+    assert kept.lr_global_batch == 512 and "--lr 0.021875" in (lr_batch_note(kept, 1, 100) or "")
+    own = _parse("-c", recipe, "--batch_size", "32", "--lr", "0.021875")
+    assert own.lr_global_batch is None and lr_batch_note(own, 1, 100) is None
+    both = _parse("-c", recipe, "--lr", "0.1", "--lr_global_batch", "128")
+    assert both.lr_global_batch == 128 and "--lr 0.05 " in (lr_batch_note(both, 1, 100) or "") + " "
 
 
 def test_no_config_gives_mindcv_defaults() -> None:

@@ -473,7 +473,7 @@ def test_lr_batch_note_says_how_to_match_the_images_per_step_lr_was_tuned_for() 
     assert note(1, lr_global_batch=None) is None  # MindCV's way: nothing said
     # 512 is no multiple of 48: linear scaling alone, min_lr scaled too
     odd = note(1, batch_size=48, min_lr=0.001)
-    assert odd is not None and "accumulation" not in odd and "--lr 0.03281 --min_lr 9.375e-05" in odd
+    assert odd is not None and "accumulation" not in odd and "--lr 0.0328125 --min_lr 9.375e-05" in odd
     small = note(1, batches_per_epoch=7)  # an epoch of 7 batches cannot accumulate 8
     assert small is not None and "accumulation" not in small and "--lr 0.04375" in small
     assert "--lr 0.7" in (note(16) or "")  # more images per step than tuned for: scaled up
