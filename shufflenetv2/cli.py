@@ -143,7 +143,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .deploy import export_onnx, export_program, fuse
+    from .deploy import check_export, fuse, onnx_bytes, onnx_runner, program_bytes, program_runner, write_export
     from .onnx_graph import fuse_for_onnx
 
     weights = read_weights(args.src)
@@ -159,7 +159,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
         compile_package(model, dst, args.batch, args.input_size)
         shape = f"{args.batch}x{weights.arch['in_channels']}x{args.input_size}x{args.input_size}"
-        print(f"wrote {dst}: {name} compiled ahead of time for float32 CPU inputs of {shape} on this kind of CPU")
+        print(
+            f"wrote {dst}: {name} compiled ahead of time for float32 CPU inputs of {shape} on this kind of CPU; "
+            "its logits were checked against the weights' before it was written"
+        )
         return
     if args.batch != 1:
         raise ShuffleNetV2Error("--batch applies to --aot packages only: .onnx and .pt2 exports take any batch")
@@ -170,14 +173,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
         if classes is not None and importlib.util.find_spec("onnx") is None:
             print(f"note: {args.src} names its classes, but writing them into an .onnx file needs the onnx package")
             classes = None
-        fused = fuse_for_onnx(model, pad=args.runtime == "onnxruntime")
-        export_onnx(fused, dst, args.input_size, args.opset, classes=classes)
+        data = onnx_bytes(fuse_for_onnx(model, pad=args.runtime == "onnxruntime"), args.input_size, args.opset, classes)
+        run, where, what = onnx_runner(data), "in ONNX Runtime, batch 3", "the ONNX export"
     elif dst.suffix == ".pt2":
-        export_program(fuse(model, channels_last=False), dst, args.input_size, classes=classes)
+        data = program_bytes(fuse(model, channels_last=False), args.input_size, classes)
+        run, where, what = program_runner(data), "in torch.export.load(...).module(), batch 3", "the exported program"
     else:
         raise ShuffleNetV2Error(f"cannot export to {dst.name}: name it .onnx (ONNX) or .pt2 (torch.export program)")
+    # checked before it is written: an export that fails the check leaves an earlier file at dst as it was
+    checked = f"checked: {check_export(model, run, where, args.input_size)}" if run else "not checked: no onnxruntime"
+    write_export(dst, data, what)
     named = f", the names of its {len(classes)} classes in its metadata" if classes is not None else ""
-    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch{named}")
+    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch{named}; {checked}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -16,16 +16,19 @@ depthwise ones become nine shifted multiply-adds (``UnrolledDepthwise``).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ShuffleNetV2Error
 from .fileio import atomic_path, storage_error
 from .model import MindCVBlock, ShuffleNetV2
 
@@ -366,6 +369,12 @@ def export_onnx(
     classes: Sequence[str] | None = None,
 ) -> Path:
     """``model`` (fused or not) as ONNX with a dynamic batch dimension; input ``images``, output ``logits``.
+    See ``onnx_bytes``."""
+    return write_export(path, onnx_bytes(model, input_size, opset, classes), "the ONNX export")
+
+
+def onnx_bytes(model: nn.Module, input_size: int = 224, opset: int = 17, classes: Sequence[str] | None = None) -> bytes:
+    """What ``export_onnx`` writes, built in memory (so it can be checked before anything is written).
 
     Uses torch's TorchScript-based exporter, which needs no extra package and exists in every torch
     this project supports (the newer dynamo exporter needs onnxscript); its deprecation notice is muted.
@@ -389,7 +398,7 @@ def export_onnx(
         entry = graph.metadata_props.add()
         entry.key, entry.value = CLASSES_KEY, json.dumps(list(classes), ensure_ascii=False)
         data = graph.SerializeToString()
-    return _write_export(path, data, "the ONNX export")
+    return data
 
 
 def export_program(
@@ -398,16 +407,83 @@ def export_program(
     """``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch: loads with
     ``torch.export.load(path).module()`` and runs without this package.  ``classes`` go in as the extra
     file ``classes.json``: ``torch.export.load(path, extra_files={"classes.json": ""})`` fills it in."""
+    return write_export(path, program_bytes(model, input_size, classes), "the exported program")
+
+
+def program_bytes(model: nn.Module, input_size: int = 224, classes: Sequence[str] | None = None) -> bytes:
+    """What ``export_program`` writes, built in memory."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))
     extra = {f"{CLASSES_KEY}.json": json.dumps(list(classes), ensure_ascii=False)} if classes is not None else None
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files=extra)
-    return _write_export(path, buffer.getvalue(), "the exported program")
+    return buffer.getvalue()
 
 
-def _write_export(path: str | Path, data: bytes, what: str) -> Path:
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def onnx_runner(data: bytes) -> Logits | None:
+    """An ONNX model in ONNX Runtime's CPU provider as a function of float32 images; None without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+def program_runner(data: bytes) -> Logits:
+    """An exported program (``program_bytes``) as a function; it unpickles parts, so only for one's own."""
+    return torch.export.load(io.BytesIO(data)).module()
+
+
+EXPORT_TOLERANCE = 1e-4  # of the largest logit (or of 1): float32 rounding moves logits ~1e-6 of it, a bug O(1)
+
+
+class ExportMismatch(ShuffleNetV2Error):
+    """An export whose logits are not the model's: nothing was written."""
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    difference: float  # the largest |logit difference| between the export and the model, float32
+    scale: float  # the largest |logit| of the model on the check's input
+    where: str  # what ran the export, and on which batch
+
+    def __str__(self) -> str:
+        return f"max |logit difference| {self.difference:.1e} (logits up to {self.scale:.1e}) {self.where}"
+
+
+def check_export(model: nn.Module, run: Logits, where: str, input_size: int, batch: int = 3) -> ExportCheck:
+    """Compare ``run`` (the export, loaded, on the CPU) with ``model`` on seeded noise, or raise ``ExportMismatch``.
+
+    The default batch of 3 is neither the batch of 1 the ONNX export traces with nor the 2 of
+    ``torch.export``, so the dynamic batch dimension is checked as well."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, getattr(model, "in_channels", 3), input_size, input_size, generator=generator)
+    device, training = next(model.parameters()).device, model.training
+    try:
+        with torch.no_grad():
+            expected, got = model.eval()(x.to(device)).float().cpu(), run(x).float()
+    finally:
+        model.train(training)
+    if got.shape != expected.shape:
+        raise ExportMismatch(
+            f"the export gives logits of shape {tuple(got.shape)} {where}, not {tuple(expected.shape)}; it was not "
+            "written"
+        )
+    check = ExportCheck(float((expected - got).abs().max()), float(expected.abs().max()), where)
+    if not check.difference <= EXPORT_TOLERANCE * max(1.0, check.scale):  # NaN fails too
+        raise ExportMismatch(
+            f"the export's logits differ from the weights': {check}; more than float32 rounding, so it was not "
+            "written. Please report it, with the weights and the versions of torch and onnxruntime"
+        )
+    return check
+
+
+def write_export(path: str | Path, data: bytes, what: str) -> Path:
     """Exports are built in memory and written by Python into a file renamed over ``path`` once complete:
     a full disk or a Ctrl-C leaves an earlier export at ``path`` as it was, and the failure is an
     ``OSError`` that says why (torch's own writers gave a truncated file and a C++ error), which becomes

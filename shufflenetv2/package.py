@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import _example, frozen_graph
+from .deploy import _example, check_export, frozen_graph
 from .errors import ShuffleNetV2Error
 from .fileio import storage_error
 from .model import ShuffleNetV2
@@ -55,7 +55,8 @@ def package_graph(model: nn.Module) -> nn.Module:
 def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_size: int = 224) -> Path:
     """Compile ``model`` for float32 CPU inputs of shape (batch, C, input_size, input_size) into ``path``
     (``.pt2``), with its weights frozen in.  Takes tens of seconds (inductor compiles and links C++); the
-    file is written whole or not at all.  Load it with ``load_package``."""
+    file is written whole or not at all, and only once its logits match ``model``'s (``check_export``).
+    Load it with ``load_package``."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise ShuffleNetV2Error(f"cannot write a compiled package to {path.name}: name it .pt2")
@@ -79,6 +80,10 @@ def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_si
                 program, package_path=str(partial),
                 inductor_configs={"freezing": True, "aot_inductor.metadata": metadata},
             )  # fmt: skip
+            # checked before it replaces path, against the model itself (the folding included)
+            runner = inductor.aoti_load_package(str(partial))
+            check_export(model, lambda x: runner(x.contiguous(memory_format=torch.channels_last)),
+                         "in the compiled package", input_size, batch)  # fmt: skip
             os.replace(partial, path)
     except OSError as exc:
         raise storage_error(exc, path, "the compiled package") from None

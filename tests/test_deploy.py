@@ -6,10 +6,12 @@ import collections
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 import shufflenetv2 as snv2
-from shufflenetv2 import create_model, save_weights
+from shufflenetv2 import create_model, deploy, onnx_graph, save_weights
 from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_backends, torchvision_model
 from shufflenetv2.cli import main
 from shufflenetv2.deploy import (
@@ -235,7 +237,7 @@ def test_onnx_stem_pool_is_one_same_upper_maxpool_at_even_and_odd_sizes(size: in
         assert np.abs(got - model(x).numpy()).max() < 1e-4
 
 
-def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -> None:
+def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
     names = [f"class {i} ✓" for i in range(1000)]  # what a training run records in its weights
@@ -244,6 +246,9 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     with torch.no_grad():
         expected = model(x)
     assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 0
+    printed = capsys.readouterr().out
+    checked = r"; checked: max \|logit difference\| \d\.\de-\d\d \(logits up to \d\.\de\+01\) in ONNX Runtime"
+    assert re.search(checked, printed), printed
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
     assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == names
@@ -253,6 +258,7 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     assert command == python
     assert [32, 3, 3, 3] in command  # the stem, padded for ORT's blocked max-pool
     assert main(["export", str(src), str(tmp_path / "m.pt2")]) == 0
+    assert "; checked: max |logit difference| " in capsys.readouterr().out
     extra = {"classes.json": ""}
     program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra).module()
     with torch.no_grad():
@@ -266,6 +272,45 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path) -
     session = ort.InferenceSession(str(tmp_path / "ov.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
     assert main(["export", str(src), str(tmp_path / "ov.pt2"), "--runtime", "openvino"]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_an_export_whose_logits_differ_is_refused_and_the_earlier_file_kept(
+    suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The command runs what it built (in ONNX Runtime, or torch.export.load) against the weights before
+    writing it. A folding that moved one weight by 0.5, as a bug in an exporter or in our graph would,
+    is refused; an earlier export at that path stays as it was."""
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+    model = _model("shufflenet_v2_x0_5", "mindcv")
+    src = save_weights(tmp_path / "w.safetensors", model)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / f"m{suffix}"
+    assert main(["export", str(src), str(dst)]) == 0
+    before = dst.read_bytes()
+
+    def nudged(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        def build_and_nudge(*args: object, **kwargs: object) -> nn.Module:
+            built = build(*args, **kwargs)
+            head = [m for m in built.modules() if isinstance(m, nn.Linear)][-1]
+            with torch.no_grad():
+                head.weight[0, 0] += 0.5
+            return built
+
+        return build_and_nudge
+
+    if suffix == ".onnx":
+        monkeypatch.setattr(onnx_graph, "fuse_for_onnx", nudged(onnx_graph.fuse_for_onnx))
+    else:
+        monkeypatch.setattr(deploy, "fuse", nudged(deploy.fuse))
+    capsys.readouterr()
+    assert main(["export", str(src), str(dst)]) == 2
+    error = capsys.readouterr().err
+    assert "the export's logits differ from the weights': max |logit difference| " in error
+    assert "so it was not written" in error and "Traceback" not in error
+    assert dst.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [dst.name]
 
 
 def test_bench_command_measures_each_backend(tmp_path: Path) -> None:

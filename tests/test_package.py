@@ -138,6 +138,7 @@ def test_export_command_writes_a_package_for_one_batch_size(
 ) -> None:
     package, printed = exported
     assert "compiled ahead of time for float32 CPU inputs of 2x3x64x64" in printed
+    assert "its logits were checked against the weights' before it was written" in printed
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = model(x)
