@@ -36,6 +36,7 @@ from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
+from .predict import Network, onnx_network
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
 
@@ -917,12 +918,57 @@ def _check_class_count(in_file: object, cfg: Config) -> None:
         )
 
 
+def _network_to_validate(cfg: Config, ctx: dist.Context) -> tuple[nn.Module, list[str] | None, Precision]:
+    """The network validate.py runs for weights (or the pretrained release), the classes they were trained
+    on when recorded, and its precision."""
+    weights = read_weights(cfg.ckpt_path) if cfg.ckpt_path else None
+    if weights is not None and weights.arch["model"] in (None, cfg.model):
+        _check_class_count(weights.arch["num_classes"], cfg)
+    if weights is None:
+        model = create_model(cfg.model, cfg.num_classes, cfg.in_channels, pretrained=cfg.pretrained)
+    else:
+        model = model_from_weights(weights, cfg.model, cfg.num_classes, cfg.in_channels)
+    model = model.to(ctx.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if evaluates_fused(cfg, ctx.device):
+        net = fuse(model, cfg.channels_last)
+    elif compiles(cfg, ctx.device):
+        net = CompiledOrEager(model, "validation", _warn_on(ctx))
+    precision = Precision.from_config(cfg, ctx.device)
+    advice = cpu_autocast_advice(cfg, precision, ctx.device)
+    if advice is not None and advice[0]:  # a warning: evaluation here is many times slower than in float32
+        _warn_on(ctx)(advice[1])
+    return net, weights.classes if weights is not None else None, precision
+
+
+class _ExportedNetwork(nn.Module):
+    """An exported ``.onnx`` file as the module ``evaluate`` calls: ONNX Runtime on the CPU, in float32
+    (``mode``, ``amp_level`` and ``channels_last`` do not apply), logits back on the input's device."""
+
+    def __init__(self, network: Network) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.run(images.float().cpu()).to(images.device)
+
+
+def _exported_network(cfg: Config) -> tuple[nn.Module, list[str] | None, None]:
+    """validate.py on what ``shufflenetv2 export`` wrote, the accuracy of the file one deploys: the same
+    triple as ``_network_to_validate``, in float32."""
+    network = onnx_network(Path(cfg.ckpt_path), cfg)
+    _check_class_count(len(network.names), cfg)
+    return _ExportedNetwork(network), network.trained_classes, None
+
+
 def validate(cfg: Config) -> EvalResult:
     """validate.py: top-1/top-5/loss of ``cfg.ckpt_path`` (or the pretrained release) on ``val_split``."""
     if not cfg.ckpt_path and not cfg.pretrained:
         raise ConfigError(
-            "validate needs weights: pass --ckpt_path FILE (.safetensors, MindCV .ckpt or .pth), or "
-            "--pretrained True for MindCV's release; it never evaluates random weights"
+            "validate needs weights: pass --ckpt_path FILE (.safetensors, MindCV .ckpt, .pth, or an exported "
+            ".onnx), or --pretrained True for MindCV's release; it never evaluates random weights"
         )
     if cfg.ckpt_path and not os.path.exists(cfg.ckpt_path):
         raise ConfigError(f"--ckpt_path {cfg.ckpt_path} does not exist")
@@ -930,15 +976,8 @@ def validate(cfg: Config) -> EvalResult:
     ctx = dist.setup(cfg, job="validate")
     try:
         dataset = data_mod.build_dataset(cfg, cfg.val_split, train=False)
-        weights = read_weights(cfg.ckpt_path) if cfg.ckpt_path else None
-        if weights is not None and weights.arch["model"] in (None, cfg.model):
-            _check_class_count(weights.arch["num_classes"], cfg)
-        if weights is None:
-            model = create_model(cfg.model, cfg.num_classes, cfg.in_channels, pretrained=cfg.pretrained)
-        else:
-            model = model_from_weights(weights, cfg.model, cfg.num_classes, cfg.in_channels)
-        model = model.to(ctx.device)
-        trained = weights.classes if weights is not None else None
+        exported = Path(cfg.ckpt_path).suffix.lower() == ".onnx"
+        net, trained, precision = _exported_network(cfg) if exported else _network_to_validate(cfg, ctx)
         if trained is not None and trained != list(dataset.classes):
             difference = data_mod.describe_class_difference(trained, dataset.classes, ("training", cfg.val_split))
             _warn_on(ctx)(
@@ -947,17 +986,6 @@ def validate(cfg: Config) -> EvalResult:
                 "are positions in the sorted class names, so these metrics score the network against other classes "
                 "unless the folders were renamed in the same order"
             )
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        net = model
-        if evaluates_fused(cfg, ctx.device):
-            net = fuse(model, cfg.channels_last)
-        elif compiles(cfg, ctx.device):
-            net = CompiledOrEager(model, "validation", _warn_on(ctx))
-        precision = Precision.from_config(cfg, ctx.device)
-        advice = cpu_autocast_advice(cfg, precision, ctx.device)
-        if advice is not None and advice[0]:  # a warning: evaluation here is many times slower than in float32
-            _warn_on(ctx)(advice[1])
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
         loader = eval_loader(cfg, dataset, ctx)
         try:

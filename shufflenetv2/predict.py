@@ -57,13 +57,14 @@ class Network:
     run: Callable[[torch.Tensor], torch.Tensor]
     names: list[str]
     device: torch.device
+    trained_classes: list[str] | None = None  # the names the file recorded, when it recorded them
 
 
 def load_network(path: str | os.PathLike[str], cfg: Config) -> Network:
     """A weight file as ``fuse(model)`` on ``cfg.device``, or an exported ``.onnx`` file in ONNX Runtime."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
-        return _onnx_network(Path(path), cfg)
+        return onnx_network(Path(path), cfg)
     if suffix == ".pt2":
         raise CheckpointError(
             f"{path}: predict does not load .pt2 files, because torch.export.load unpickles parts of them and "
@@ -78,16 +79,16 @@ def load_network(path: str | os.PathLike[str], cfg: Config) -> Network:
     device = pick_device(cfg.device)
     model = model_from_weights(weights, str(name), num_classes, layout=weights.layout).eval()
     network = fuse(model, channels_last=cfg.channels_last).to(device)
-    return Network(network, weights.classes or [str(i) for i in range(num_classes)], device)
+    return Network(network, weights.classes or [str(i) for i in range(num_classes)], device, weights.classes)
 
 
-def _onnx_network(path: Path, cfg: Config) -> Network:
+def onnx_network(path: Path, cfg: Config) -> Network:
     """``shufflenetv2 export``'s ONNX file (or any classifier taking (N, 3, H, W) float32) on the CPU,
-    named by the class names that export wrote into its metadata."""
+    named by the class names that export wrote into its metadata (``predict``, and ``validate.py``)."""
     if cfg.device == "cuda":
-        raise ConfigError(f"predict runs {path.name} in ONNX Runtime on the CPU: pass --device cpu (or auto)")
+        raise ConfigError(f"{path.name} runs in ONNX Runtime on the CPU: pass --device cpu (or auto)")
     if importlib.util.find_spec("onnxruntime") is None:
-        raise CheckpointError(f"predicting with {path.name} needs ONNX Runtime: pip install 'shufflenetv2[onnx]'")
+        raise CheckpointError(f"running {path.name} needs ONNX Runtime: pip install 'shufflenetv2[onnx]'")
     from .bench import open_onnx_classifier
 
     session = open_onnx_classifier(path, torch.get_num_threads())
@@ -100,13 +101,13 @@ def _onnx_network(path: Path, cfg: Config) -> Network:
         )
     count = output.shape[1]
     if not isinstance(count, int):
-        raise CheckpointError(f"{path}: its output has no fixed number of classes, so predict cannot name them")
+        raise CheckpointError(f"{path}: its output has no fixed number of classes, so they cannot be named")
     names = recorded_classes(session.get_modelmeta().custom_metadata_map.get(CLASSES_KEY), count)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {image.name: images.contiguous().numpy()})[0])
 
-    return Network(run, names or [str(i) for i in range(count)], torch.device("cpu"))
+    return Network(run, names or [str(i) for i in range(count)], torch.device("cpu"), names)
 
 
 def predict(

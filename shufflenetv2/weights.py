@@ -74,6 +74,13 @@ def recorded_classes(text: str | None, count: object) -> list[str] | None:
     return names if valid and len(names) == count else None
 
 
+EXPORTS = {
+    ".onnx": "an ONNX model (`predict` and `validate.py` run it in ONNX Runtime, `bench --onnx` times it)",
+    ".pt2": "a torch.export program or a compiled package (torch.export.load(path).module() or "
+    "shufflenetv2.load_package(path) loads it)",
+}
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``ckpt``, ``safetensors`` or ``pth``, from the file's first bytes."""
     path = Path(path)
@@ -85,6 +92,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise CheckpointError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); the copy or download was probably interrupted")
+    if path.suffix.lower() in EXPORTS:  # a .pt2 is a zip like torch.save's, whose reader then calls it corrupt
+        raise CheckpointError(
+            f"{path} is {EXPORTS[path.suffix.lower()]}, what `shufflenetv2 export` writes, not a weight file; "
+            "this needs the weights it was exported from (.safetensors, MindCV .ckpt or .pth)"
+        )
     if mindspore_ckpt.detect_encryption(head):
         return "ckpt"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from shufflenetv2 import create_model, read_weights, save_weights
 from shufflenetv2.cli import main
+from shufflenetv2.errors import CheckpointError
 from shufflenetv2.factory import model_from_weights
 from shufflenetv2.model import LAYOUTS
 
@@ -200,6 +201,27 @@ def test_class_names_are_kept_by_safetensors_shown_by_info_and_carried_by_conver
     for bad in ("not json", json.dumps(["ants", "bees"]), json.dumps([1, 2, 3]), json.dumps({"a": 1})):
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "classes": bad})
         assert read_weights(tmp_path / "bad.safetensors").classes is None, bad
+
+
+def test_an_export_given_where_weights_are_read_is_named_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A .pt2 is a zip like torch.save's, whose reader called it "corrupted"; an .onnx got its first bytes in hex."""
+    weights = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=3))
+    for suffix, what in ((".pt2", "is a torch.export program or a compiled package"), (".onnx", "is an ONNX model")):
+        if suffix == ".onnx":
+            pytest.importorskip("onnx")
+        exported = tmp_path / f"m{suffix}"
+        assert main(["export", str(weights), str(exported)]) == 0
+        for argv in (["info", str(exported)], ["convert", str(exported), str(tmp_path / "x.safetensors")],
+                     ["export", str(exported), str(tmp_path / "again.onnx")]):  # fmt: skip
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            error = capsys.readouterr().err
+            assert f"{exported} {what}" in error and "this needs the weights it was exported from" in error, error
+            assert "corrupt" not in error and "first bytes" not in error
+        with pytest.raises(CheckpointError, match="not a weight file"):
+            read_weights(exported)
 
 
 def test_info_on_the_mindcv_fixture(capsys: pytest.CaptureFixture[str]) -> None:

@@ -164,6 +164,37 @@ def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pyt
         assert other.top1 == reference.top1 and other.loss == pytest.approx(reference.loss, abs=1e-5)
 
 
+def test_validate_runs_an_exported_onnx_file(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The accuracy of the file one deploys: validate.py takes what ``shufflenetv2 export`` wrote and runs it
+    in ONNX Runtime, in float32 whatever amp_level says, with the weights' metrics."""
+    pytest.importorskip("onnxruntime")
+    from shufflenetv2.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
+    best = out / "shufflenet_v2_x0_5_best.safetensors"
+    exported = tmp_path / "deployed.onnx"
+    assert main(["export", str(best), str(exported), "--input-size", "16"]) == 0
+    cfg = tiny_config(tiny_data, out, ckpt_path=str(best))
+    reference = validate(cfg)
+    capsys.readouterr()
+    scored = validate(dataclasses.replace(cfg, ckpt_path=str(exported), amp_level="O2", mode=0))
+    assert scored.count == reference.count == 18 and scored.top1 == reference.top1 and scored.top5 == reference.top5
+    assert scored.loss == pytest.approx(reference.loss, rel=1e-5, abs=1e-6)
+    assert "warning" not in capsys.readouterr().err  # no bfloat16 advice: ONNX Runtime runs float32
+    renamed = tmp_path / "renamed"  # the class names the export recorded are checked like the weights'
+    shutil.copytree(tiny_data / "val", renamed / "val")
+    (renamed / "val" / "blue").rename(renamed / "val" / "teal")
+    validate(dataclasses.replace(cfg, ckpt_path=str(exported), data_dir=str(renamed)))
+    assert "trained on classes that differ from those of split 'val' (only in training: blue" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"deployed\.onnx takes 16 x 16 images and the config crops to 32 px"):
+        validate(dataclasses.replace(cfg, ckpt_path=str(exported), image_resize=32))
+    with pytest.raises(ConfigError, match="--num_classes 3"):
+        validate(dataclasses.replace(cfg, ckpt_path=str(exported), num_classes=5))
+
+
 def test_drop_classifier_fine_tunes_a_checkpoint_with_another_class_count(tiny_data: Path, tmp_path: Path) -> None:
     source = create_model("shufflenet_v2_x0_5", num_classes=10)  # e.g. an ImageNet checkpoint for 3 classes
     path = tmp_path / "ten_classes.safetensors"
