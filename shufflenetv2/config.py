@@ -179,6 +179,124 @@ class Config:
     max_bad_fraction: float = 0.01  # ours: undecodable images tolerated before training stops
 
 
+# What ``--help`` says of each key, by section (the same sections as ``Config``); the choices and the
+# default are added to each line.  tests/test_config.py checks that every key has one.
+HELP: dict[str, dict[str, str]] = {
+    "system": {
+        "mode": "0 = MindSpore's graph mode: torch.compile on a GPU (on a CPU: eager training, fused evaluation); "
+        "1 = eager (PyNative)",
+        "compile_on_cpu": "ours: compile training and evaluation on a CPU too, as on a GPU (slower there)",
+        "distribute": "data-parallel training; under torchrun it is switched on by itself when WORLD_SIZE > 1",
+        "val_while_train": "evaluate on val_split during training (every val_interval epochs, and after the last)",
+        "val_split": "the folder under data_dir to evaluate on",
+        "val_interval": "evaluate every N epochs",
+        "log_interval": "log the loss, lr and speed every N batches",
+        "seed": "seeds every random draw: a run repeats itself exactly on one machine",
+        "device": "ours: where to run; auto = CUDA when present, else the CPU",
+        "device_target": "MindCV's device key: accepted for its recipes, `device` decides",
+        "num_parallel_workers": "loader worker processes per device (capped at the CPU count)",
+        "sync_bn": "ours: BatchNorm statistics over the global batch of all devices",
+        "deterministic": "ours: deterministic algorithms only (slower on GPUs)",
+    },
+    "dataset": {
+        "dataset": "imagenet and imagefolder read data_dir/<split>/<class>/*; cifar and mnist are downloaded "
+        "(dataset_download), digits is embedded",
+        "data_dir": "the dataset's folder",
+        "train_split": "the folder under data_dir to train on",
+        "dataset_download": "download cifar10 / cifar100 / mnist into data_dir when missing",
+        "shuffle": "shuffle the training samples every epoch",
+        "num_samples": "train on a seeded, class-balanced subset of this many images",
+        "batch_size": "images per device per step, as in MindCV",
+        "drop_remainder": "drop the last incomplete training batch",
+    },
+    "augmentation": {
+        "image_resize": "the side of the training crop and of the evaluation centre crop, in pixels",
+        "scale": "RandomResizedCrop's range of crop areas, as fractions of the image",
+        "ratio": "RandomResizedCrop's range of aspect ratios",
+        "hflip": "probability of a horizontal flip",
+        "vflip": "probability of a vertical flip",
+        "color_jitter": "brightness, contrast and saturation jitter strength (null: none)",
+        "interpolation": "resampling for the resizes",
+        "auto_augment": "randaug-*, autoaug, trivialaugwide or augmix policy (null: none; the classic pipeline)",
+        "fast_dct": "ours: decode training JPEGs with libjpeg-turbo's fast integer IDCT (about 10 %% faster)",
+        "decode_on_device": "ours: decode the batch's JPEGs where the model runs (nvJPEG on a GPU)",
+        "data_pipeline": "ours: fast = uint8 workers and per-batch jitter and normalisation; classic = torchvision's "
+        "per-image transforms; auto = fast unless auto_augment is set",
+        "re_prob": "probability of random erasing",
+        "re_scale": "random erasing's range of areas",
+        "re_ratio": "random erasing's range of aspect ratios",
+        "re_value": "the value erased pixels get, after normalisation (0: the mean)",
+        "mean": "per-channel mean for normalisation, on the 0-255 scale",
+        "std": "per-channel standard deviation for normalisation, on the 0-255 scale",
+        "crop_pct": "evaluation resizes to image_resize / crop_pct, then crops the centre",
+        "mixup": "mixup alpha (0: off)",
+        "cutmix": "cutmix alpha (0: off)",
+        "cutmix_prob": "the probability that a batch is mixed (mixup or cutmix, an even choice when both are on)",
+        "mixup_off_epoch": "turn mixup and cutmix off from this epoch on (0: never)",
+    },
+    "model": {
+        "model": "the network width",
+        "num_classes": "the classifier's outputs; must match the class folders",
+        "in_channels": "input channels",
+        "pretrained": "start from MindCV's released ImageNet weights (downloaded once)",
+        "ckpt_path": "weights to start from or to validate (.safetensors, MindCV .ckpt, .pth; validate also .onnx), "
+        "or a run's checkpoint to resume with resume_opt",
+        "drop_classifier": "ours: ckpt_path with another class count gets a new num_classes classifier",
+        "keep_checkpoint_max": "how many epoch checkpoints to keep",
+        "ckpt_save_dir": "where checkpoints (and, unless output_dir, logs and curves) go",
+        "ckpt_save_interval": "save a checkpoint every N epochs (and after the last)",
+        "ckpt_save_steps": "ours: also save every N optimizer steps inside an epoch (0: epoch ends only)",
+        "ckpt_save_policy": "keep the newest (latest_k) or the best (top_k) checkpoints, or none",
+        "auto_resume": "continue from the newest checkpoint in ckpt_save_dir, if any",
+        "resume_opt": "with ckpt_path: resume its optimizer, schedule and epoch, not only its weights",
+        "epoch_size": "epochs to train",
+        "dataset_sink_mode": "MindSpore-only; accepted for its recipes and ignored",
+        "amp_level": "O0 = float32; O1-O3 = autocast in bfloat16 (or float16 where bfloat16 is missing)",
+        "amp_dtype": "ours: the autocast type; auto = bfloat16 where supported, else float16",
+        "ema": "keep an exponential moving average of the weights, evaluated and saved beside them",
+        "ema_decay": "the average's decay per step",
+        "channels_last": "ours: NHWC activations, faster on CPUs and GPUs",
+    },
+    "loss": {
+        "loss": "cross-entropy (CE) or binary cross-entropy (BCE)",
+        "label_smoothing": "label smoothing factor",
+    },
+    "learning-rate schedule": {
+        "scheduler": "the decay after warmup",
+        "lr": "the peak learning rate (never rescaled for the batch size; see lr_global_batch)",
+        "min_lr": "the learning rate the decay ends at",
+        "lr_global_batch": "ours: the images per optimizer step that lr was tuned for; a run that takes another "
+        "number says how to match it. An --lr flag drops the file's value",
+        "warmup_epochs": "epochs of linear warmup",
+        "warmup_factor": "warmup starts at lr * warmup_factor",
+        "decay_epochs": "the cosine's period in epochs, or the step decay's interval",
+        "decay_rate": "the step and multi-step decays' factor",
+        "multi_step_decay_milestones": "epochs after warmup at which multi_step_decay multiplies by decay_rate",
+        "lr_epoch_stair": "change the learning rate once per epoch instead of every step",
+        "num_cycles": "cosine cycles of decay_epochs each (1: no restart)",
+        "cycle_decay": "each cosine cycle's peak is lr * cycle_decay ** cycle",
+    },
+    "optimizer": {
+        "opt": "the optimizer",
+        "momentum": "momentum (momentum, sgd, nesterov, rmsprop)",
+        "weight_decay": "weight decay",
+        "weight_decay_filter": "disable decays every parameter, auto all but BatchNorm's, norm_and_bias also no bias",
+        "use_nesterov": "Nesterov momentum with opt momentum or sgd",
+        "eps": "RMSProp's epsilon",
+        "loss_scale_type": "float16 loss scaling: fixed, or dynamic (auto)",
+        "loss_scale": "the fixed loss scale, or the dynamic one's start",
+        "drop_overflow_update": "with a fixed loss scale: skip updates whose gradients overflowed",
+        "clip_grad": "clip the gradients' global norm",
+        "clip_value": "the norm to clip to",
+        "gradient_accumulation_steps": "batches per optimizer step",
+    },
+    "outputs": {
+        "output_dir": "ours: the run's folder for logs, metrics and curves; '' = ckpt_save_dir",
+        "max_bad_fraction": "ours: the fraction of an epoch's images that may be unreadable before training stops",
+    },
+}
+
+
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 
@@ -624,6 +742,15 @@ def _argument_error(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _shown(value: object) -> str:
+    """A default as ``--help`` shows it: floats rounded off their binary noise (57.12, not 57.120000000000005)."""
+    if isinstance(value, float):
+        return repr(round(value, 10))
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_shown(v) for v in value) + ")"
+    return repr(value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``-c/--config`` plus one ``--key VALUE`` flag per config key (default: not given).
 
@@ -632,11 +759,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.error = _argument_error  # type: ignore[method-assign]
     parser.add_argument("-c", "--config", default="", help="YAML file with MindCV config keys")
-    groups = {}
-    for key, field in FIELDS.items():
-        group = groups.setdefault(field.metadata.get("group", "options"), parser)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        group.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar="V", help=f"(default: {default!r})")
+    for section, keys in HELP.items():
+        group = parser.add_argument_group(f"{section} (config keys; a flag overrides the file)")
+        for key, text in keys.items():
+            choices = f"; one of {', '.join(map(str, CHOICES[key]))}" if key in CHOICES else ""
+            help_text = f"{text}{choices} (default: {_shown(FIELDS[key].default)})"
+            group.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar="V", help=help_text)
 
 
 def from_args(args: argparse.Namespace) -> Config:

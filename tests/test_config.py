@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shufflenetv2.config import ALIASES, FIELDS, Config, ConfigError, from_dict, load_yaml, parse_config, to_yaml
+from shufflenetv2.config import ALIASES, FIELDS, HELP, Config, ConfigError, from_dict, load_yaml, parse_config, to_yaml
 from shufflenetv2.optim import lr_batch_note
 
 from .conftest import REPO
@@ -126,6 +126,16 @@ def test_an_lr_flag_drops_the_files_lr_global_batch() -> None:
     assert own.lr_global_batch is None and lr_batch_note(own, 1, 100) is None
     both = _parse("-c", recipe, "--lr", "0.1", "--lr_global_batch", "128")
     assert both.lr_global_batch == 128 and "--lr 0.05 " in (lr_batch_note(both, 1, 100) or "") + " "
+
+
+def test_help_explains_every_key_in_its_section(capsys: pytest.CaptureFixture[str]) -> None:
+    assert [key for keys in HELP.values() for key in keys] == list(FIELDS)  # every key, once, in Config's order
+    with pytest.raises(SystemExit):
+        _parse("--help")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "learning-rate schedule (config keys; a flag overrides the file):" in text
+    assert "--amp_level V O0 = float32; O1-O3 = autocast in bfloat16" in text and "one of O0, O1, O2, O3" in text
+    assert "(default: (58.395, 57.12, 57.375))" in text  # floats without their binary noise
 
 
 def test_no_config_gives_mindcv_defaults() -> None:
