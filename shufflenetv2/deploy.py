@@ -430,7 +430,13 @@ def onnx_runner(data: bytes) -> Logits | None:
         return None
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's exception types differ between its versions
+        raise ExportMismatch(
+            f"ONNX Runtime {onnxruntime.__version__} cannot load the export ({str(exc).strip().splitlines()[0]}), so "
+            "it was not written. Please report it, with the weights and the versions of torch and onnxruntime"
+        ) from None
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 

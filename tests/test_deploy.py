@@ -313,6 +313,18 @@ def test_an_export_whose_logits_differ_is_refused_and_the_earlier_file_kept(
     assert dst.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [dst.name]
 
 
+def test_an_export_onnx_runtime_cannot_load_is_an_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("onnxruntime")
+    src = save_weights(tmp_path / "w.safetensors", _model("shufflenet_v2_x0_5", "mindcv"))
+    monkeypatch.setattr(deploy, "onnx_bytes", lambda *args, **kwargs: b"\x08\x07 not a protobuf graph")
+    assert main(["export", str(src), str(tmp_path / "m.onnx")]) == 2
+    error = capsys.readouterr().err
+    assert "ONNX Runtime " in error and "cannot load the export (" in error and "so it was not written" in error
+    assert "Traceback" not in error and not (tmp_path / "m.onnx").exists()
+
+
 def test_bench_command_measures_each_backend(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--models", "shufflenet_v2_x0_5", "--batches", "1", "--backends", "ours-fused",
