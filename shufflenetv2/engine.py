@@ -230,9 +230,9 @@ def evaluates_fused(cfg: Config, device: torch.device) -> bool:
 def describe_mode(cfg: Config, device: torch.device) -> str:
     if cfg.mode == 1:
         return "eager"
-    missing = cxx_compiler_missing() if device.type == "cpu" else None
-    unable = "; no C++ compiler found, so what it compiles will run eager: install g++" if missing else ""
-    if compiles(cfg, device):
+    if compiles(cfg, device):  # only then is a missing C++ compiler worth probing for (it imports inductor)
+        missing = cxx_compiler_missing() if device.type == "cpu" else None
+        unable = "; no C++ compiler found, so what it compiles will run eager: install g++" if missing else ""
         return f"torch.compile{unable}"
     if evaluates_fused(cfg, device):
         return (
