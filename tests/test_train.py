@@ -139,6 +139,14 @@ def test_learns_the_tiny_task(tiny_data: Path, tmp_path: Path) -> None:
     assert result.last.count == 18
 
 
+def _val_with_blue_renamed_teal(data: Path, tmp_path: Path) -> Path:
+    """A copy of ``data``'s val split whose class folder "blue" is named "teal"."""
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data / "val", renamed / "val")
+    (renamed / "val" / "blue").rename(renamed / "val" / "teal")
+    return renamed
+
+
 def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     result = train(tiny_config(tiny_data, out, epoch_size=1, warmup_epochs=0))
@@ -148,9 +156,7 @@ def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pyt
     reference = validate(cfg)
     assert reference.top1 == pytest.approx(result.last.top1) and reference.count == 18
     assert "warning" not in capsys.readouterr().err
-    renamed = tmp_path / "renamed"  # the same images, one class folder renamed: its label moves
-    shutil.copytree(tiny_data / "val", renamed / "val")
-    (renamed / "val" / "blue").rename(renamed / "val" / "teal")
+    renamed = _val_with_blue_renamed_teal(tiny_data, tmp_path)  # the same images: the label of one class moves
     validate(dataclasses.replace(cfg, data_dir=str(renamed)))
     assert "trained on classes that differ from those of split 'val' (only in training: blue; only in val: teal)" in (
         capsys.readouterr().err
@@ -184,9 +190,7 @@ def test_validate_runs_an_exported_onnx_file(
     assert scored.count == reference.count == 18 and scored.top1 == reference.top1 and scored.top5 == reference.top5
     assert scored.loss == pytest.approx(reference.loss, rel=1e-5, abs=1e-6)
     assert "warning" not in capsys.readouterr().err  # no bfloat16 advice: ONNX Runtime runs float32
-    renamed = tmp_path / "renamed"  # the class names the export recorded are checked like the weights'
-    shutil.copytree(tiny_data / "val", renamed / "val")
-    (renamed / "val" / "blue").rename(renamed / "val" / "teal")
+    renamed = _val_with_blue_renamed_teal(tiny_data, tmp_path)  # the export's class names are checked too
     validate(dataclasses.replace(cfg, ckpt_path=str(exported), data_dir=str(renamed)))
     assert "trained on classes that differ from those of split 'val' (only in training: blue" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"deployed\.onnx takes 16 x 16 images and the config crops to 32 px"):
