@@ -791,3 +791,25 @@ def parse_config(argv: Sequence[str] | None, prog: str, description: str = "") -
 def to_yaml(cfg: Config) -> str:
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     return yaml.safe_dump(data, sort_keys=False)
+
+
+RESUME_KEYS = ("auto_resume", "ckpt_path", "resume_opt")  # they name the resume itself, so they always differ
+
+
+def changes_since(saved: dict[str, Any] | None, cfg: Config) -> list[str]:
+    """``key old -> new`` for every key whose value differs from ``saved`` (the config a checkpoint was written
+    under), so that a resumed run says what it does differently: a changed batch size, lr or schedule length
+    moves the learning rate at the resume step, which otherwise shows only as a jump in the loss.  Keys the
+    saved config predates are left out."""
+    if not saved:
+        return []
+
+    def plain(value: object) -> object:
+        return list(value) if isinstance(value, tuple) else value
+
+    now = dataclasses.asdict(cfg)
+    return [
+        f"{key} {_shown(saved[key])} -> {_shown(value)}"
+        for key, value in now.items()
+        if key not in RESUME_KEYS and key in saved and plain(saved[key]) != plain(value)
+    ]

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
 from .compiling import CompiledOrEager, cxx_compiler_missing
-from .config import Config, ConfigError, to_yaml
+from .config import Config, ConfigError, changes_since, to_yaml
 from .deploy import fuse
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -506,6 +506,9 @@ class Trainer:
         ckpt.set_rng_state(state["rng"][rank])
         where = f"epoch {self.epoch + 1}, batch {self.start_batch}" if self.start_batch else f"epoch {self.epoch}"
         self.log.info(f"resumed from {ref.weights} after {where}, optimizer step {self.global_step}")
+        changed = changes_since(state.get("config"), self.cfg)
+        if changed:
+            self.log.info(f"note: changed since that checkpoint was saved: {', '.join(changed)}")
         return True
 
     def _check_same_data(self, state: dict[str, Any], source: Path) -> None:
@@ -591,9 +594,12 @@ class Trainer:
             threads_note = idle_cores_note(torch.get_num_threads(), processes_here, cores)
             if threads_note:
                 log.info(threads_note)
-        lr_note = optim.lr_batch_note(cfg, ctx.world_size, self.batches_per_epoch)
-        if lr_note:
-            log.info(lr_note)
+        for lr_note in (
+            optim.lr_batch_note(cfg, ctx.world_size, self.batches_per_epoch),
+            optim.lr_span_note(cfg, self.schedule),
+        ):
+            if lr_note:
+                log.info(lr_note)
         last_eval = None
         run_start = time.perf_counter()
         self.first_epoch = self.epoch

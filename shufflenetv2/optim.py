@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -158,6 +158,41 @@ def lr_batch_note(cfg: Config, world_size: int, batches_per_epoch: int) -> str |
         f"takes {per_step} ({cfg.batch_size} per device x {world_size} device{'s' if world_size > 1 else ''}"
         f"{accumulated}). To follow the "
         f"recipe: {', or '.join(ways)}"
+    )
+
+
+def lr_span_note(cfg: Config, schedule: Sequence[float]) -> str | None:
+    """What happens when a cosine schedule and the run do not end together; None when they do.
+
+    MindCV pads the schedule with ``min_lr`` past ``warmup_epochs + decay_epochs * num_cycles`` and cuts it at
+    the run's end, and so do we, without a word in either case.  Both are easy to reach by changing one
+    number of a recipe: ``--epoch_size 20`` on a 60-epoch recipe stops at 0.6 x lr, never annealed, and a
+    longer ``epoch_size`` alone adds epochs at ``min_lr``, which is 0 in every recipe: those train nothing.
+    """
+    if cfg.scheduler not in ("cosine_decay", "warmup_cosine_decay") or not schedule:
+        return None
+    end = cfg.warmup_epochs + cfg.decay_epochs * cfg.num_cycles
+    if end == cfg.epoch_size:
+        return None
+    cycles = f" x num_cycles {cfg.num_cycles}" if cfg.num_cycles > 1 else ""
+    span = f"warmup_epochs {cfg.warmup_epochs} + decay_epochs {cfg.decay_epochs}{cycles} = {end}"
+    fit, rest = divmod(cfg.epoch_size - cfg.warmup_epochs, cfg.num_cycles)
+    advice = f"; --decay_epochs {fit} ends the schedule with the run" if fit >= 1 and not rest else ""
+    if end < cfg.epoch_size:
+        idle = cfg.epoch_size - end
+        last = f"last {idle} epochs of this {cfg.epoch_size}-epoch run ({end + 1}-{cfg.epoch_size}) train"
+        if idle == 1:
+            last = f"last epoch of this {cfg.epoch_size}-epoch run trains"
+        they = "it changes" if idle == 1 else "they change"
+        nothing = f" (with lr 0 {they} no weight, only BatchNorm's running statistics)" if cfg.min_lr == 0 else ""
+        return (
+            f"note: the learning-rate schedule ends after epoch {end} ({span}), so the {last} at min_lr "
+            f"{cfg.min_lr:g}{nothing}{advice}"
+        )
+    share = f" ({schedule[-1] / cfg.lr:.0%} of lr)" if cfg.lr > 0 else ""
+    return (
+        f"note: this run ends after epoch {cfg.epoch_size}, before its learning-rate schedule does ({span}): "
+        f"its last lr is {schedule[-1]:.4g}{share}, not min_lr {cfg.min_lr:g}{advice}"
     )
 
 

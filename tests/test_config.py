@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shufflenetv2.config import ALIASES, FIELDS, HELP, Config, ConfigError, from_dict, load_yaml, parse_config, to_yaml
+from shufflenetv2.config import (
+    ALIASES,
+    FIELDS,
+    HELP,
+    Config,
+    ConfigError,
+    changes_since,
+    from_dict,
+    load_yaml,
+    parse_config,
+    to_yaml,
+)
 from shufflenetv2.optim import lr_batch_note
 
 from .conftest import REPO
@@ -421,3 +432,17 @@ def test_to_yaml_round_trips_unusual_values() -> None:
     assert from_dict(yaml.safe_load(text)) == cfg
     assert set(yaml.safe_load(text)) == set(FIELDS)  # every key written, none invented
     assert dataclasses.asdict(cfg)["val_split"] == "True"  # a string that looks like a bool stays a string
+
+
+def test_changes_since_lists_what_differs_from_a_saved_config() -> None:
+    saved = dataclasses.asdict(Config())
+    saved["scale"] = list(saved["scale"])  # a config read back from YAML has lists where Config has tuples
+    saved["retired_key"] = 1  # a key this version no longer has
+    longer = Config().epoch_size + 10
+    now = dataclasses.replace(Config(), lr=0.2, epoch_size=longer, auto_resume=True, ckpt_path="x")
+    expected = [f"epoch_size {Config().epoch_size} -> {longer}", f"lr {Config().lr} -> 0.2"]
+    assert changes_since(saved, now) == expected
+    rescaled = changes_since(saved, dataclasses.replace(now, scale=(0.2, 1.0)))
+    assert rescaled == ["scale [0.08, 1.0] -> (0.2, 1.0)", *expected]  # in Config's order
+    assert changes_since({k: v for k, v in saved.items() if k != "lr"}, now) == expected[:1]
+    assert changes_since(None, now) == changes_since({}, now) == []

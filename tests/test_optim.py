@@ -23,6 +23,7 @@ from shufflenetv2.optim import (
     clip_gradients,
     lr_batch_note,
     lr_schedule,
+    lr_span_note,
     param_groups,
     set_lr,
     unwrap_model,
@@ -477,3 +478,40 @@ def test_lr_batch_note_says_how_to_match_the_images_per_step_lr_was_tuned_for() 
     small = note(1, batches_per_epoch=7)  # an epoch of 7 batches cannot accumulate 8
     assert small is not None and "accumulation" not in small and "--lr 0.04375" in small
     assert "--lr 0.7" in (note(16) or "")  # more images per step than tuned for: scaled up
+
+
+def test_lr_span_note_says_when_the_cosine_and_the_run_end_apart() -> None:
+    recipe = cfg_with(scheduler="cosine_decay", lr=0.4, min_lr=0.0, epoch_size=60, warmup_epochs=2, decay_epochs=58)
+
+    def note(**changes: object) -> str | None:
+        cfg = dataclasses.replace(recipe, **changes)
+        return lr_span_note(cfg, lr_schedule(cfg, 10))
+
+    assert note() is None  # the recipe's decay ends with its run
+    assert note(scheduler="warmup_cosine_decay", epoch_size=20, decay_epochs=18) is None
+    short = note(epoch_size=20)  # a quick trial of the recipe: stopped high, never annealed
+    last = lr_schedule(dataclasses.replace(recipe, epoch_size=20), 10)[-1]
+    assert last == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * (18 - 0.1) / 58)))
+    assert short == (
+        "note: this run ends after epoch 20, before its learning-rate schedule does (warmup_epochs 2 + "
+        f"decay_epochs 58 = 60): its last lr is {last:.4g} ({last / 0.4:.0%} of lr), not min_lr 0; "
+        "--decay_epochs 18 ends the schedule with the run"
+    )
+    long = note(epoch_size=80)  # more epochs alone: 20 of them at lr 0
+    assert long == (
+        "note: the learning-rate schedule ends after epoch 60 (warmup_epochs 2 + decay_epochs 58 = 60), so "
+        "the last 20 epochs of this 80-epoch run (61-80) train at min_lr 0 (with lr 0 they change no weight, "
+        "only BatchNorm's running statistics); --decay_epochs 78 ends the schedule with the run"
+    )
+    one = note(epoch_size=61, min_lr=1e-5)
+    assert (
+        one is not None
+        and "so the last epoch of this 61-epoch run trains at min_lr 1e-05;" in one
+        and "lr 0" not in one
+    )
+    cycles = note(epoch_size=62, decay_epochs=20, num_cycles=3)  # 2 + 3 x 20 = 62: ends together
+    assert cycles is None
+    odd = note(epoch_size=63, decay_epochs=20, num_cycles=3)  # 61 epochs do not split into 3 cycles
+    assert odd is not None and "decay_epochs 20 x num_cycles 3 = 62" in odd and "--decay_epochs" not in odd
+    for other in ("constant", "step_decay", "multi_step_decay", "linear_decay"):
+        assert note(scheduler=other, epoch_size=20) is None  # their length is not decay_epochs' business

@@ -108,6 +108,12 @@ def test_auto_resume_picks_the_newest_checkpoint(tiny_data: Path, tmp_path: Path
     ema_a = read_weights(straight / "shufflenet_v2_x0_5-2_6_ema.safetensors").tensors
     ema_b = read_weights(interrupted / "shufflenet_v2_x0_5-2_6_ema.safetensors").tensors
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the resumed run names what differs from the config the checkpoint was saved with (auto_resume aside)
+    changed = (
+        f"note: changed since that checkpoint was saved: ckpt_save_dir {str(straight)!r} -> {str(interrupted)!r}\n"
+    )
+    assert changed in (interrupted / "train_rank0.log").read_text()
+    assert "changed since" not in (straight / "train_rank0.log").read_text()
 
 
 def test_run_directory_contents(tiny_data: Path, tmp_path: Path) -> None:
@@ -117,6 +123,14 @@ def test_run_directory_contents(tiny_data: Path, tmp_path: Path) -> None:
     assert {"result.log", "metrics.jsonl", "curves.png", "config.yaml", "train_rank0.log"} <= names
     assert [(r.epoch, r.step) for r in list_checkpoints(out)] == [(2, 6), (3, 6)]  # latest_k, k = 2
     assert "shufflenet_v2_x0_5_best.safetensors" in names and result.best_path is not None
+    # warmup 1 + decay 1: epoch 3 runs at min_lr 0, which the log says, and which changes no weight
+    assert (
+        "so the last epoch of this 3-epoch run trains at min_lr 0 (with lr 0 it changes no weight, only "
+        in (out / "train_rank0.log").read_text()
+    )
+    before, after = (read_weights(ref.weights).tensors for ref in list_checkpoints(out))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved), moved
     header, *rows = (out / "result.log").read_text().splitlines()
     assert header.split("\t") == [
         "Epoch", "TrainLoss", "Top_1_Accuracy", "Top_5_Accuracy", "TrainTime", "EvalTime", "TotalTime"
