@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _minor_label(ax: Any, value: float, _position: int) -> str:
+    """Losses often stay within one decade (2 down to 0.8), where a log axis labels one tick or none: there
+    the 2s, 3s and 5s of each decade are labelled too, and within a factor of 3 every tick."""
+    low, high = ax.get_ylim()
+    if low <= 0 or high / low >= 10:
+        return ""
+    mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+    return f"{value:g}" if high / low < 3 or mantissa in (2, 3, 5) else ""
+
+
 def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     """loss, learning rate and top-1/top-5 per epoch; None when matplotlib is missing."""
     rows = read_metrics(metrics_path)
@@ -117,6 +128,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return None
     epochs = [r["epoch"] for r in rows]
@@ -127,6 +139,8 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
         ax.plot(epochs, [r.get("val_loss") for r in rows], "s-", label="val loss")
     ax.set(title="loss (log scale)", xlabel="epoch")
     ax.set_yscale("log")  # early validation losses can be 1000x the final ones while BN statistics settle
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # 1, not 10^0
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(partial(_minor_label, ax)))
     ax.legend()
     ax = axes[1]
     ax.plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green", label="lr at epoch end")
@@ -142,6 +156,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     ax.set(title="validation accuracy (%)", xlabel="epoch")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # epochs: no tick at 2.5
     fig.tight_layout()
     with atomic_path(out) as tmp:  # a kill while drawing must not leave half a PNG
         fig.savefig(tmp, dpi=90, format="png")
