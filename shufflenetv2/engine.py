@@ -503,6 +503,10 @@ class Trainer:
             self.carried_loss = float(state["epoch_loss_sum"][rank])
             self.carried_unreadable = int(state["epoch_unreadable"][rank])
         self.best_top1 = state.get("best_top1")
+        if self.ctx.is_main:  # what the run has saved so far, for its closing line and error messages
+            self.last_checkpoint = ref.weights
+            best = Path(cfg.ckpt_save_dir) / f"{cfg.model}_best.safetensors"
+            self.best_path = best if self.best_top1 is not None and best.exists() else None
         ckpt.set_rng_state(state["rng"][rank])
         where = f"epoch {self.epoch + 1}, batch {self.start_batch}" if self.start_batch else f"epoch {self.epoch}"
         self.log.info(f"resumed from {ref.weights} after {where}, optimizer step {self.global_step}")
@@ -602,13 +606,24 @@ class Trainer:
                 log.info(lr_note)
         last_eval = None
         run_start = time.perf_counter()
-        self.first_epoch = self.epoch
+        self.first_epoch, first_batch = self.epoch, self.start_batch
         with self.stop:
             for epoch in range(self.epoch, cfg.epoch_size):
                 last_eval = self._run_epoch(epoch, record) or last_eval
         total = time.perf_counter() - run_start
-        epochs = f"{cfg.epoch_size} epoch{'s' if cfg.epoch_size != 1 else ''}"
-        log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
+        ran = cfg.epoch_size - self.first_epoch
+        if ran <= 0:  # a finished run started again (a requeued job, say)
+            log.info(
+                f"nothing to train: the run is at epoch {self.epoch} and epoch_size is {cfg.epoch_size}; a larger "
+                f"--epoch_size trains on from {self.last_checkpoint or 'its last checkpoint'}"
+            )
+        else:
+            epochs = f"{ran} epoch{'s' if ran != 1 else ''}"
+            if self.resumed:
+                where = f"inside epoch {self.first_epoch + 1}" if first_batch else f"after epoch {self.first_epoch}"
+                span = f"epoch {cfg.epoch_size}" if ran == 1 else f"epochs {self.first_epoch + 1}-{cfg.epoch_size}"
+                epochs += f" ({span} of {cfg.epoch_size}, resumed {where})"
+            log.info(f"training finished: {epochs} in {total:.1f} s; run directory {self.run_dir}")
         dist.barrier()
         return RunResult(self.run_dir, self.epoch, last_eval, self.best_top1, self.best_path, self.last_checkpoint)
 

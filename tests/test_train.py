@@ -99,7 +99,8 @@ def test_auto_resume_picks_the_newest_checkpoint(tiny_data: Path, tmp_path: Path
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     first = list_checkpoints(straight)[0]
-    for path in (first.weights, first.state):
+    best = straight / "shufflenet_v2_x0_5_best.safetensors"  # epoch 1's: epoch 2 ties its top-1
+    for path in (first.weights, first.state, best):
         (interrupted / path.name).write_bytes(path.read_bytes())
     result = train(tiny_config(tiny_data, interrupted, auto_resume=True, ema=True, ema_decay=0.9))
     assert result.epochs == 2
@@ -112,8 +113,19 @@ def test_auto_resume_picks_the_newest_checkpoint(tiny_data: Path, tmp_path: Path
     changed = (
         f"note: changed since that checkpoint was saved: ckpt_save_dir {str(straight)!r} -> {str(interrupted)!r}\n"
     )
-    assert changed in (interrupted / "train_rank0.log").read_text()
-    assert "changed since" not in (straight / "train_rank0.log").read_text()
+    log = (interrupted / "train_rank0.log").read_text()
+    assert changed in log and "changed since" not in (straight / "train_rank0.log").read_text()
+    assert "training finished: 1 epoch (epoch 2 of 2, resumed after epoch 1) in " in log
+    # the same command again, on the finished run (a requeued job): it says so and names what the run saved
+    again = train(tiny_config(tiny_data, interrupted, auto_resume=True, ema=True, ema_decay=0.9))
+    log = (interrupted / "train_rank0.log").read_text()[len(log) :]
+    last = interrupted / "shufflenet_v2_x0_5-2_6.safetensors"
+    assert (
+        f"nothing to train: the run is at epoch 2 and epoch_size is 2; a larger --epoch_size trains on from {last}"
+        in log
+    )
+    assert "training finished" not in log and again.epochs == 2 and again.last is None
+    assert again.last_checkpoint == last and again.best_path == interrupted / "shufflenet_v2_x0_5_best.safetensors"
 
 
 def test_run_directory_contents(tiny_data: Path, tmp_path: Path) -> None:
