@@ -436,7 +436,7 @@ def test_to_yaml_round_trips_unusual_values() -> None:
 
 def test_changes_since_lists_what_differs_from_a_saved_config() -> None:
     saved = dataclasses.asdict(Config())
-    saved["scale"] = list(saved["scale"])  # a config read back from YAML has lists where Config has tuples
+    saved["scale"] = list(saved["scale"])  # a saved config may hold lists where Config has tuples (as YAML does)
     saved["retired_key"] = 1  # a key this version no longer has
     longer = Config().epoch_size + 10
     now = dataclasses.replace(Config(), lr=0.2, epoch_size=longer, auto_resume=True, ckpt_path="x")
