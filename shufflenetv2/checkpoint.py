@@ -77,6 +77,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def best_weights_path(directory: str | Path, model_name: str) -> Path:
+    """Where a run keeps the weights of its best evaluation so far."""
+    return Path(directory) / f"{model_name}_best{WEIGHTS_SUFFIX}"
+
+
 def checkpoint_ref(directory: Path, model_name: str, epoch: int, step: int) -> CheckpointRef:
     return CheckpointRef(Path(directory) / f"{model_name}-{epoch}_{step}", epoch, step)
 

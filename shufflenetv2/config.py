@@ -788,8 +788,13 @@ def parse_config(argv: Sequence[str] | None, prog: str, description: str = "") -
     return from_args(parser.parse_args(argv))
 
 
+def _listed(value: object) -> object:
+    """A tuple as YAML (and a config read back from it) holds it: a list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def to_yaml(cfg: Config) -> str:
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    data = {k: _listed(v) for k, v in dataclasses.asdict(cfg).items()}
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -803,13 +808,8 @@ def changes_since(saved: dict[str, Any] | None, cfg: Config) -> list[str]:
     saved config predates are left out."""
     if not saved:
         return []
-
-    def plain(value: object) -> object:
-        return list(value) if isinstance(value, tuple) else value
-
-    now = dataclasses.asdict(cfg)
     return [
         f"{key} {_shown(saved[key])} -> {_shown(value)}"
-        for key, value in now.items()
-        if key not in RESUME_KEYS and key in saved and plain(saved[key]) != plain(value)
+        for key, value in dataclasses.asdict(cfg).items()
+        if key not in RESUME_KEYS and key in saved and _listed(saved[key]) != _listed(value)
     ]

@@ -505,7 +505,7 @@ class Trainer:
         self.best_top1 = state.get("best_top1")
         if self.ctx.is_main:  # what the run has saved so far, for its closing line and error messages
             self.last_checkpoint = ref.weights
-            best = Path(cfg.ckpt_save_dir) / f"{cfg.model}_best.safetensors"
+            best = ckpt.best_weights_path(cfg.ckpt_save_dir, cfg.model)
             self.best_path = best if self.best_top1 is not None and best.exists() else None
         ckpt.set_rng_state(state["rng"][rank])
         where = f"epoch {self.epoch + 1}, batch {self.start_batch}" if self.start_batch else f"epoch {self.epoch}"
@@ -870,7 +870,7 @@ class Trainer:
             return
         with self._writing_checkpoints():
             if improved:
-                path = Path(cfg.ckpt_save_dir) / f"{cfg.model}_best.safetensors"
+                path = ckpt.best_weights_path(cfg.ckpt_save_dir, cfg.model)
                 weights_model = self.ema.module if self.ema is not None else self.model
                 save_weights(
                     path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best", classes=self.classes

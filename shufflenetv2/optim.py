@@ -181,10 +181,11 @@ def lr_span_note(cfg: Config, schedule: Sequence[float]) -> str | None:
     advice = f"; --decay_epochs {fit} ends the schedule with the run" if fit >= 1 and not rest else ""
     if end < cfg.epoch_size:
         idle = cfg.epoch_size - end
-        last = f"last {idle} epochs of this {cfg.epoch_size}-epoch run ({end + 1}-{cfg.epoch_size}) train"
         if idle == 1:
-            last = f"last epoch of this {cfg.epoch_size}-epoch run trains"
-        they = "it changes" if idle == 1 else "they change"
+            last, they = f"last epoch of this {cfg.epoch_size}-epoch run trains", "it changes"
+        else:
+            last = f"last {idle} epochs of this {cfg.epoch_size}-epoch run ({end + 1}-{cfg.epoch_size}) train"
+            they = "they change"
         nothing = f" (with lr 0 {they} no weight, only BatchNorm's running statistics)" if cfg.min_lr == 0 else ""
         return (
             f"note: the learning-rate schedule ends after epoch {end} ({span}), so the {last} at min_lr "
