@@ -1,4 +1,4 @@
-"""The shufflenetv2 command: train, validate, predict, summary, info, convert, export, bench and demo.
+"""The shufflenetv2 command: train, validate, predict, summary, info, convert, export, bench, recipes and demo.
 
 Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; a training
 run stopped by SIGTERM/SIGINT after saving exits with 75 (``EXIT_INTERRUPTED``); anything else is a bug
@@ -15,12 +15,13 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from . import config
+from . import config, recipes
 from .distributed import launched_rank
 from .errors import DataError, ShuffleNetV2Error
 from .factory import create_model, model_from_weights
@@ -299,13 +300,24 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error(f"{len(failed)} of {len(images)} images could not be read (named above)")
 
 
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    if args.name:
+        sys.stdout.write(recipes.text(args.name))
+        return
+    for name, path in recipes.shipped().items():
+        print(name)
+        print(textwrap.fill(recipes.summary(path), width=100, initial_indent="    ", subsequent_indent="    "))
+    print("\ntrain with one: shufflenetv2 train -c NAME --data_dir DIR")
+    print("to edit one: shufflenetv2 recipes NAME > mine.yaml, then -c mine.yaml")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out))
 
 
-READ_ONLY_COMMANDS = ("validate", "predict", "summary", "info")  # they write no file
+READ_ONLY_COMMANDS = ("validate", "predict", "summary", "info", "recipes")  # they write no file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument(
         "-c", "--config",
-        help="the training config whose evaluation transform, batch_size and num_parallel_workers to use "
-        "(default: MindCV's, 224 px, crop 0.875, batches of 32)",
+        help="the training config (a file or a shipped recipe's name) whose evaluation transform, batch_size and "
+        "num_parallel_workers to use (default: MindCV's, 224 px, crop 0.875, batches of 32)",
     )  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line of text")
@@ -437,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("recipes", help="the training recipes -c accepts by name; with a name, that recipe's YAML")
+    p.add_argument("name", nargs="?", help="print this recipe's YAML (to copy and edit: > mine.yaml)")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("demo", help="a self-contained tour: build, save as MindCV .ckpt, convert, reload, compare")
     p.add_argument("--out", default="runs/demo", help="folder for the files it writes (default runs/demo)")

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from . import recipes
 from .errors import ShuffleNetV2Error
 
 
@@ -477,10 +478,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file; a file that cannot be one is a ConfigError saying how to fix it."""
-    path = Path(path)
+    """The mapping in a YAML config file, or in the shipped recipe ``path`` names (``recipes.find``); a file
+    that cannot be one is a ConfigError saying how to fix it."""
+    given, path = path, recipes.find(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {given} does not exist; {recipes.missing_advice(given)}") from None
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file {path}: {exc.strerror or exc}; check the path given to -c/--config"
@@ -758,7 +762,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     value in the YAML file; argparse's own complaints (a flag without a value) become one ``error:`` line.
     """
     parser.error = _argument_error  # type: ignore[method-assign]
-    parser.add_argument("-c", "--config", default="", help="YAML file with MindCV config keys")
+    parser.add_argument(
+        "-c", "--config", default="",
+        help="YAML file with MindCV config keys, or the name of a shipped recipe (`shufflenetv2 recipes` lists them)",
+    )  # fmt: skip
     for section, keys in HELP.items():
         group = parser.add_argument_group(f"{section} (config keys; a flag overrides the file)")
         for key, text in keys.items():

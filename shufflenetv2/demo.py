@@ -1,7 +1,7 @@
 """A self-contained tour of the weight interchange, runnable offline with nothing but this package.
 
-Until the training loop lands this is the README's main job: it builds shufflenet_v2_x0_5 with
-MindCV's initialisation, writes it as a MindCV ``.ckpt``, converts it to our safetensors and to the
+``shufflenetv2 demo`` (the README's main job is ``make demo``, which trains): it builds shufflenet_v2_x0_5
+with MindCV's initialisation, writes it as a MindCV ``.ckpt``, converts it to our safetensors and to the
 torchvision layout, loads torchvision's own network's weights, and shows that every route gives the
 same logits.
 """

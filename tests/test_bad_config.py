@@ -84,7 +84,11 @@ CONFIG_ERRORS = [
     ("yaml_duplicate_key", [], "lr: 0.1\nopt: sgd\nlr: 0.2\n", ["c.yaml", "'lr' twice", "lines 1 and 3"]),
     ("yaml_not_utf8", [], b"lr: 0.1\nopt: \xff\xfe\n", ["c.yaml", "not UTF-8", "0xff"]),
     ("yaml_python_tag", [], "lr: !!python/object/apply:os.getcwd []\n", ["c.yaml", "not valid YAML", "python"]),
-    ("config_file_missing", [], MISSING, ["cannot read config file", "nope.yaml", "-c/--config"]),
+    ("config_file_missing", [], MISSING,
+     ["config file", "nope.yaml", "does not exist", "-c/--config", "shipped recipe: shufflenet_v2_0.5_ascend, "]),
+    ("config_clone_path_without_a_clone", ["-c", "{tmp}/configs/shufflenetv2/shufflenet_v2_0.5_ascend.yaml"], None,
+     ["shufflenet_v2_0.5_ascend.yaml does not exist",
+      "the shipped recipe of that name is `-c shufflenet_v2_0.5_ascend`"]),
     ("config_is_a_folder", ["-c", "{tmp}"], None, ["cannot read config file", "-c/--config"]),
 ]  # fmt: skip
 
