@@ -434,16 +434,52 @@ def _split_dir(data_dir: str, split: str, dataset: str) -> Path:
     if not base.exists():
         raise DataError(f"data_dir {base} does not exist. Check the path; dataset {dataset} expects {layout}.")
     if not base.is_dir():
+        if base.name.lower().endswith(ARCHIVE_SUFFIXES):
+            extract = f"unzip {base} -d DIR" if base.suffix.lower() == ".zip" else f"mkdir DIR && tar -xf {base} -C DIR"
+            raise DataError(
+                f"data_dir {base} is an archive, not a folder: extract it first ({extract}) and pass the folder "
+                f"that holds the split folders; dataset {dataset} expects {layout}."
+            )
         raise DataError(f"data_dir {base} is a file, not a folder; dataset {dataset} expects {layout}.")
     root = base / split
     if not root.is_dir():
         subdirs = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
         have = f"it has: {', '.join(subdirs)}" if subdirs else "it has no sub-folders at all"
-        raise DataError(
-            f"data_dir {base} has no {split!r} split folder ({have}). Expected {layout}; set train_split / "
-            "val_split to the folder names you have, or point data_dir at the folder that holds the splits."
+        deeper = _holder_below(base, split)
+        where = (
+            f"{deeper} has one: pass --data_dir {deeper}"
+            if deeper
+            else "set train_split / val_split to the folder names you have, or point data_dir at the folder that "
+            "holds the splits"
         )
+        raise DataError(f"data_dir {base} has no {split!r} split folder ({have}). Expected {layout}; {where}.")
     return root
+
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip")
+
+
+def _holder_below(base: Path, split: str, depth: int = 4, fan_out: int = 10) -> Path | None:
+    """The nearest folder under ``base`` that holds ``split``: an archive extracted with its own top folder
+    (``hymenoptera_data/``, ImageNet's ``ILSVRC/Data/CLS-LOC/``).  Only folders with at most ``fan_out``
+    sub-folders are entered, so a class folder's thousands of images are never listed."""
+    level = [base]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:  # scandir's entries know their type without a stat per file
+                with os.scandir(folder) as entries:
+                    subdirs = sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+            except OSError:
+                continue
+            if len(subdirs) > fan_out:
+                continue
+            holder = next((d for d in subdirs if (d / split).is_dir()), None)
+            if holder is not None:
+                return holder
+            below += subdirs
+        level = below
+    return None
 
 
 class ArrayImageDataset(Dataset):

@@ -266,6 +266,36 @@ def test_data_dir_unset_missing_or_a_file(tmp_path: Path) -> None:
         build_dataset(cfg_for(data_dir=str(tmp_path / "file")), "train", train=True)
 
 
+def test_an_archive_as_data_dir_says_to_extract_it(tmp_path: Path) -> None:
+    for name, extract in (("hymenoptera.tar.gz", "mkdir DIR && tar -xf {} -C DIR"), ("digits.ZIP", "unzip {} -d DIR")):
+        archive = tmp_path / name
+        archive.write_bytes(b"\x1f\x8b")
+        with pytest.raises(DataError) as error:
+            build_dataset(cfg_for(data_dir=str(archive)), "train", train=True)
+        assert str(error.value).startswith(
+            f"data_dir {archive} is an archive, not a folder: extract it first ({extract.format(archive)}) and pass "
+            "the folder that holds the split folders"
+        )
+
+
+def test_a_split_one_folder_down_is_named(tmp_path: Path) -> None:
+    """An archive extracted with its own top folders, as ImageNet's is: the message names the folder to pass."""
+    holder = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    (holder / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\n")
+    with pytest.raises(DataError) as error:
+        build_dataset(cfg_for(data_dir=str(tmp_path)), "train", train=True)
+    assert str(error.value) == (
+        f"data_dir {tmp_path} has no 'train' split folder (it has: ILSVRC). Expected data_dir/train/<class>/<image "
+        f"files>; {holder} has one: pass --data_dir {holder}."
+    )
+    wide = tmp_path / "wide"  # a folder of many sub-folders (class folders, say) is not searched
+    for k in range(11):
+        (wide / f"c{k}" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"\(it has: c0, c1, .*\).*; set train_split / val_split"):
+        build_dataset(cfg_for(data_dir=str(wide)), "train", train=True)
+
+
 def test_missing_split_lists_the_folders_that_exist(folder: Path) -> None:
     with pytest.raises(DataError, match=r"no 'test' split folder \(it has: train, val\).*val_split"):
         build_dataset(cfg_for(data_dir=str(folder)), "test", train=False)
