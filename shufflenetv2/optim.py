@@ -177,8 +177,8 @@ def lr_span_note(cfg: Config, schedule: Sequence[float]) -> str | None:
         return None
     cycles = f" x num_cycles {cfg.num_cycles}" if cfg.num_cycles > 1 else ""
     span = f"warmup_epochs {cfg.warmup_epochs} + decay_epochs {cfg.decay_epochs}{cycles} = {end}"
-    fit, rest = divmod(cfg.epoch_size - cfg.warmup_epochs, cfg.num_cycles)
-    advice = f"; --decay_epochs {fit} ends the schedule with the run" if fit >= 1 and not rest else ""
+    advice = _span_that_fits(cfg)
+    advice = f"; {advice} ends the schedule with the run" if advice else ""
     if end < cfg.epoch_size:
         idle = cfg.epoch_size - end
         if idle == 1:
@@ -195,6 +195,21 @@ def lr_span_note(cfg: Config, schedule: Sequence[float]) -> str | None:
     return (
         f"note: this run ends after epoch {cfg.epoch_size}, before its learning-rate schedule does ({span}): "
         f"its last lr is {schedule[-1]:.4g}{share}, not min_lr {cfg.min_lr:g}{advice}"
+    )
+
+
+def _span_that_fits(cfg: Config) -> str:
+    """The flags that end the cosine with the run: ``--decay_epochs`` alone while the warmup fits in it;
+    for a run no longer than its warmup (a quick trial of a 4 + 246 epoch recipe), both, with the warmup's
+    share of the recipe kept.  Empty when the epochs do not split into ``num_cycles`` cycles."""
+    warmup = cfg.warmup_epochs
+    if warmup >= cfg.epoch_size:
+        warmup = min(round(warmup * cfg.epoch_size / (warmup + cfg.decay_epochs * cfg.num_cycles)), cfg.epoch_size - 1)
+    decay, rest = divmod(cfg.epoch_size - warmup, cfg.num_cycles)
+    if decay < 1 or rest:
+        return ""
+    return (
+        f"--decay_epochs {decay}" if warmup == cfg.warmup_epochs else f"--warmup_epochs {warmup} --decay_epochs {decay}"
     )
 
 

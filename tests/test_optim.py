@@ -513,5 +513,17 @@ def test_lr_span_note_says_when_the_cosine_and_the_run_end_apart() -> None:
     assert cycles is None
     odd = note(epoch_size=63, decay_epochs=20, num_cycles=3)  # 61 epochs do not split into 3 cycles
     assert odd is not None and "decay_epochs 20 x num_cycles 3 = 62" in odd and "--decay_epochs" not in odd
+    # runs no longer than their warmup (quick trials of MindCV's 4 + 246 epoch recipe): the warmup's share kept
+    for (epochs, warmup, decay), flags in (
+        ((3, 4, 246), "--warmup_epochs 0 --decay_epochs 3"),  # 4 / 250 of 3 epochs rounds to none
+        ((4, 4, 246), "--warmup_epochs 0 --decay_epochs 4"),
+        ((1, 4, 246), "--warmup_epochs 0 --decay_epochs 1"),
+        ((3, 50, 50), "--warmup_epochs 2 --decay_epochs 1"),  # half of 3, rounded, and at least 1 to decay
+        ((100, 4, 246), "--decay_epochs 96"),  # the warmup fits: as before
+    ):
+        trial = note(epoch_size=epochs, warmup_epochs=warmup, decay_epochs=decay)
+        assert trial is not None and trial.endswith(f"; {flags} ends the schedule with the run")
+        fitted = dict(zip(flags.replace("--", "").split()[::2], map(int, flags.split()[1::2]), strict=True))
+        assert note(**{"epoch_size": epochs, "warmup_epochs": warmup, **fitted}) is None  # the advice works
     for other in ("constant", "step_decay", "multi_step_decay", "linear_decay"):
         assert note(scheduler=other, epoch_size=20) is None  # their length is not decay_epochs' business
