@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,20 @@ def _training_state_message(path: Path) -> str:
     )
 
 
+def _pickled_objects_message(path: Path, reason: str) -> str:
+    """Why a .pth was refused, naming what it pickles: torch's own text is a page of options (one of them
+    ``weights_only=False``) around that name, with terminal colour codes in it."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+    what = f"a pickled {found[1]}" if found else "pickled Python objects other than tensors"
+    if found and re.fullmatch(r"torchvision\.models\..*|shufflenetv2\..*", found[1]):
+        what += " (a whole model, as torch.save(model) writes it)"
+    return (
+        f"refused to load {path}: it holds {what}, and unpickling could run arbitrary code. Where you trust the "
+        "file, save its weights alone and pass those: torch.save(model.state_dict(), 'weights.pth'), or "
+        "shufflenetv2.save_weights('weights.safetensors', model)"
+    )
+
+
 def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
     try:
         # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors,
@@ -145,11 +160,7 @@ def _read_pth(path: Path, ema: bool) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load {path}: it contains pickled Python objects other than tensors, and unpickling "
-            f"them could run arbitrary code ({str(exc).splitlines()[0][:200]}). Re-save it as a plain state "
-            "dict (torch.save(model.state_dict(), ...)) or as .safetensors from a trusted environment"
-        ) from None
+        raise CheckpointError(_pickled_objects_message(path, str(exc))) from None
     except Exception as exc:
         # a damaged file can make torch.load raise nearly anything: RuntimeError and BadZipFile from the
         # zip container, and from the pickle stream struct.error, IndexError, KeyError, TypeError and

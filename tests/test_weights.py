@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from shufflenetv2 import CheckpointError, create_model, detect_format, read_weights, save_weights
 from shufflenetv2.layout import convert_layout
@@ -126,9 +127,19 @@ class _Exploit:
 def test_pickles_with_code_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "payload": _Exploit()}, path)
-    with pytest.raises(CheckpointError, match="arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"it holds a pickled print, and unpickling could run arbitrary"):
         read_weights(path)
     assert "should never run" not in capsys.readouterr().out
+    whole = tmp_path / "whole.pth"  # torch.save(model), as many training scripts write: named, with what to do
+    torch.save(torchvision.models.shufflenet_v2_x0_5(), whole)
+    with pytest.raises(CheckpointError) as refused:
+        read_weights(whole)
+    assert str(refused.value) == (
+        f"refused to load {whole}: it holds a pickled torchvision.models.shufflenetv2.ShuffleNetV2 (a whole model, "
+        "as torch.save(model) writes it), and unpickling could run arbitrary code. Where you trust the file, save "
+        "its weights alone and pass those: torch.save(model.state_dict(), 'weights.pth'), or "
+        "shufflenetv2.save_weights('weights.safetensors', model)"
+    )  # before: the first line of torch's text, cut off, with its terminal colour codes
     legacy = tmp_path / "legacy.pth"
     legacy.write_bytes(pickle.dumps(_Exploit(), protocol=2))
     with pytest.raises(CheckpointError):
