@@ -87,12 +87,17 @@ def checkpoint_ref(directory: Path, model_name: str, epoch: int, step: int) -> C
 
 
 def save_checkpoint(
-    ref: CheckpointRef, model: nn.Module, state: dict[str, Any], source: str = "", classes: Sequence[str] | None = None
+    ref: CheckpointRef,
+    model: nn.Module,
+    state: dict[str, Any],
+    source: str = "",
+    classes: Sequence[str] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> None:
     """State first, weights last: the weights file is the mark of a complete checkpoint."""
     with atomic_path(ref.state) as tmp:
         tmp.write_bytes(torch_bytes(state))
-    save_weights(ref.weights, model, fmt="safetensors", source=source, classes=classes)
+    save_weights(ref.weights, model, fmt="safetensors", source=source, classes=classes, evaluation=evaluation)
 
 
 def remove_checkpoint(ref: CheckpointRef) -> None:

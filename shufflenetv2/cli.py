@@ -29,7 +29,7 @@ from .fileio import atomic_path, storage_error
 from .interrupt import EXIT_INTERRUPTED, TrainingInterrupted
 from .model import LAYOUTS, WIDTHS, build_network
 from .summary import format_summary, summarize
-from .weights import Weights, output_format, read_weights, save_weights
+from .weights import EVALUATION_KEY, Weights, output_format, read_weights, save_weights
 
 EXIT_USER_ERROR = 2
 
@@ -51,7 +51,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         "parameters": int(sum(t.numel() for t in weights.tensors.values())),
         "training_state_skipped": len(weights.skipped),
         "classes": weights.classes,  # the names a training run of ours recorded, in label order
-        "metadata": {k: v for k, v in weights.metadata.items() if k != "classes"},
+        "evaluation": weights.evaluation,  # and the settings of its evaluation transform
+        "metadata": {k: v for k, v in weights.metadata.items() if k not in ("classes", EVALUATION_KEY)},
     }
     print(json.dumps(info, indent=2))
 
@@ -77,7 +78,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         # an earlier file at dst as it was
         with atomic_path(args.dst) as written:
             note = f"converted from {Path(args.src).name}"
-            save_weights(written, model, fmt=fmt, source=note, classes=source.classes)
+            save_weights(written, model, fmt=fmt, source=note, classes=source.classes, evaluation=source.evaluation)
             diff, scale = _conversion_error(source, str(name), layout, written)
             if diff > 1e-9 * max(1.0, scale):
                 raise ShuffleNetV2Error(
@@ -155,6 +156,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         weights, str(name), weights.arch["num_classes"], weights.arch["in_channels"], layout=weights.layout
     )
     dst = Path(args.dst)
+    evaluation = weights.evaluation
+    if args.input_size is None:  # the size it was trained at: an export fixes H and W
+        args.input_size = int(evaluation.get("image_resize", 224)) if evaluation else 224  # type: ignore[arg-type]
     if args.aot:
         from .package import compile_package
 
@@ -171,10 +175,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error(f"--runtime applies to .onnx exports only, not to {dst.name}")
     classes = weights.classes
     if dst.suffix == ".onnx":  # the zero-channel padding is for ONNX Runtime's blocked layout only
-        if classes is not None and importlib.util.find_spec("onnx") is None:
-            print(f"note: {args.src} names its classes, but writing them into an .onnx file needs the onnx package")
-            classes = None
-        data = onnx_bytes(fuse_for_onnx(model, pad=args.runtime == "onnxruntime"), args.input_size, args.opset, classes)
+        if (classes is not None or evaluation is not None) and importlib.util.find_spec("onnx") is None:
+            print(
+                f"note: {args.src} records its class names or evaluation settings, but writing them into an .onnx "
+                "file needs the onnx package"
+            )
+            classes = evaluation = None
+        if evaluation is not None and evaluation.get("image_resize") != args.input_size:
+            evaluation = None  # settings for another size would mislead predict and validate.py
+        fused = fuse_for_onnx(model, pad=args.runtime == "onnxruntime")
+        data = onnx_bytes(fused, args.input_size, args.opset, classes, evaluation)
         run, where, what = onnx_runner(data), "in ONNX Runtime, batch 3", "the ONNX export"
     elif dst.suffix == ".pt2":
         data = program_bytes(fuse(model, channels_last=False), args.input_size, classes)
@@ -185,7 +195,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     checked = f"checked: {check_export(model, run, where, args.input_size)}" if run else "not checked: no onnxruntime"
     write_export(dst, data, what)
     named = f", the names of its {len(classes)} classes in its metadata" if classes is not None else ""
-    print(f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, dynamic batch{named}; {checked}")
+    print(
+        f"wrote {dst}: {name} with BatchNorm and the channel shuffle folded in, {args.input_size} x {args.input_size} "
+        f"images, dynamic batch{named}; {checked}"
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -276,11 +289,17 @@ def _check_onnx_file(path: str, models: list[str], input_size: int) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .predict import image_files, predict
+    from .predict import config_for, image_files, predict, settings_warning
 
     if args.top < 1:
         raise ShuffleNetV2Error(f"--top must be at least 1, got {args.top}")
-    cfg = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else config.Config()
+    if args.config:
+        cfg = config.from_dict(config.load_yaml(args.config), where=args.config)
+        warning = settings_warning(args.weights, cfg, "leave -c out to use those, or pass that run's config.yaml")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    else:
+        cfg = config_for(args.weights)
     if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
     images = image_files(args.images)
@@ -338,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-c", "--config",
         help="the training config (a file or a shipped recipe's name) whose evaluation transform, batch_size and "
-        "num_parallel_workers to use (default: MindCV's, 224 px, crop 0.875, batches of 32)",
+        "num_parallel_workers to use (default: the evaluation settings our weight files and exports record, "
+        "else MindCV's: 224 px, crop 0.875; batches of 32)",
     )  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line of text")
@@ -379,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output file, .onnx or .pt2")
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
     p.add_argument(
-        "--input-size", type=int, default=224, help="side of the example input used for tracing (default 224)"
-    )
+        "--input-size", type=int,
+        help="image side the export takes (default: the size the weights were trained at, as our files record "
+        "it, else 224)",
+    )  # fmt: skip
     p.add_argument(
         "--aot", action="store_true",
         help="write a .pt2 package compiled ahead of time (AOTInductor) for this kind of CPU and one input "

@@ -795,6 +795,10 @@ def parse_config(argv: Sequence[str] | None, prog: str, description: str = "") -
     return from_args(parser.parse_args(argv))
 
 
+def _tupled(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _listed(value: object) -> object:
     """A tuple as YAML (and a config read back from it) holds it: a list."""
     return list(value) if isinstance(value, tuple) else value
@@ -803,6 +807,31 @@ def _listed(value: object) -> object:
 def to_yaml(cfg: Config) -> str:
     data = {k: _listed(v) for k, v in dataclasses.asdict(cfg).items()}
     return yaml.safe_dump(data, sort_keys=False)
+
+
+EVALUATION_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")  # the evaluation transform's
+
+
+def evaluation_of(cfg: Config) -> dict[str, Any]:
+    """The settings of ``cfg``'s evaluation transform, which our weight files record beside the class names:
+    weights trained at 64 px lose much of their accuracy through MindCV's default 224 px crop, and nothing
+    else in the file says which size they take."""
+    return {key: _listed(getattr(cfg, key)) for key in EVALUATION_KEYS}
+
+
+def with_evaluation(cfg: Config, recorded: dict[str, Any], where: str) -> Config:
+    """``cfg`` with the evaluation settings a weight file recorded (``where`` names it in errors)."""
+    return from_dict({k: v for k, v in recorded.items() if k in EVALUATION_KEYS}, base=cfg, where=where)
+
+
+def evaluation_differences(cfg: Config, recorded: dict[str, Any] | None) -> list[str]:
+    """``key value (the weights': other)`` for each evaluation setting that the file recorded otherwise."""
+    ours = evaluation_of(cfg)
+    return [
+        f"{key} {_shown(getattr(cfg, key))} (the weights': {_shown(_tupled(recorded[key]))})"
+        for key in EVALUATION_KEYS
+        if recorded and key in recorded and _listed(recorded[key]) != ours[key]
+    ]
 
 
 RESUME_KEYS = ("auto_resume", "ckpt_path", "resume_opt")  # they name the resume itself, so they always differ

@@ -31,6 +31,7 @@ from torch import nn
 from .errors import ShuffleNetV2Error
 from .fileio import atomic_path, storage_error
 from .model import MindCVBlock, ShuffleNetV2
+from .weights import EVALUATION_KEY
 
 CLASSES_KEY = "classes"  # where exports keep the names of the logits
 
@@ -373,14 +374,20 @@ def export_onnx(
     return write_export(path, onnx_bytes(model, input_size, opset, classes), "the ONNX export")
 
 
-def onnx_bytes(model: nn.Module, input_size: int = 224, opset: int = 17, classes: Sequence[str] | None = None) -> bytes:
+def onnx_bytes(
+    model: nn.Module,
+    input_size: int = 224,
+    opset: int = 17,
+    classes: Sequence[str] | None = None,
+    evaluation: dict[str, object] | None = None,
+) -> bytes:
     """What ``export_onnx`` writes, built in memory (so it can be checked before anything is written).
 
     Uses torch's TorchScript-based exporter, which needs no extra package and exists in every torch
     this project supports (the newer dynamo exporter needs onnxscript); its deprecation notice is muted.
     ``classes`` (the names of the logits, in order) go into the model's metadata as a JSON list under
-    ``classes``, which ONNX Runtime returns in ``session.get_modelmeta().custom_metadata_map``; writing
-    them needs the ``onnx`` package.
+    ``classes``, which ONNX Runtime returns in ``session.get_modelmeta().custom_metadata_map``, and the
+    weights' evaluation settings as a JSON object under ``evaluation``; writing them needs the ``onnx`` package.
     """
     model = model.eval()
     buffer = io.BytesIO()
@@ -391,12 +398,16 @@ def onnx_bytes(model: nn.Module, input_size: int = 224, opset: int = 17, classes
             output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
     data = buffer.getvalue()
-    if classes is not None:
+    metadata = {CLASSES_KEY: json.dumps(list(classes), ensure_ascii=False)} if classes is not None else {}
+    if evaluation is not None:
+        metadata[EVALUATION_KEY] = json.dumps(evaluation)
+    if metadata:
         import onnx
 
         graph = onnx.load_from_string(data)
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = CLASSES_KEY, json.dumps(list(classes), ensure_ascii=False)
+        for key, value in metadata.items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
         data = graph.SerializeToString()
     return data
 

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist
 from .compiling import CompiledOrEager, cxx_compiler_missing
-from .config import Config, ConfigError, changes_since, to_yaml
+from .config import Config, ConfigError, changes_since, evaluation_of, to_yaml
 from .deploy import fuse
 from .device_input import DeviceInput
 from .errors import DataError, ShuffleNetV2Error, StorageError
@@ -36,7 +36,7 @@ from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
-from .predict import Network, onnx_network
+from .predict import Network, onnx_network, settings_warning
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
 
@@ -356,6 +356,7 @@ class Trainer:
                 "labels would not mean the same class; give both splits the same class folders"
             )
         self.classes = list(self.train_set.classes)
+        self.evaluation = evaluation_of(cfg)  # recorded with the weights, for predict and validate.py
         classes = len(self.classes)
         if classes != cfg.num_classes:
             raise ConfigError(
@@ -873,8 +874,9 @@ class Trainer:
                 path = ckpt.best_weights_path(cfg.ckpt_save_dir, cfg.model)
                 weights_model = self.ema.module if self.ema is not None else self.model
                 save_weights(
-                    path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best", classes=self.classes
-                )
+                    path, weights_model, fmt="safetensors", source=f"epoch {self.epoch} best", classes=self.classes,
+                    evaluation=self.evaluation,
+                )  # fmt: skip
                 self.best_path = path
             if state is not None:
                 ref = ckpt.checkpoint_ref(Path(cfg.ckpt_save_dir), cfg.model, self.epoch, self.batches_per_epoch)
@@ -893,8 +895,11 @@ class Trainer:
 
     def _write_checkpoint(self, ref: ckpt.CheckpointRef, state: dict[str, Any], source: str) -> None:
         if self.ema is not None:  # before the network weights, which mark the checkpoint complete
-            save_weights(ref.ema, self.ema.module, fmt="safetensors", source=f"{source} EMA", classes=self.classes)
-        ckpt.save_checkpoint(ref, self.model, state, source=source, classes=self.classes)
+            save_weights(
+                ref.ema, self.ema.module, fmt="safetensors", source=f"{source} EMA", classes=self.classes,
+                evaluation=self.evaluation,
+            )  # fmt: skip
+        ckpt.save_checkpoint(ref, self.model, state, source=source, classes=self.classes, evaluation=self.evaluation)
         self.last_checkpoint = ref.weights
 
     @contextlib.contextmanager
@@ -1007,6 +1012,11 @@ def validate(cfg: Config) -> EvalResult:
                 "are positions in the sorted class names, so these metrics score the network against other classes "
                 "unless the folders were renamed in the same order"
             )
+        mismatch = settings_warning(
+            cfg.ckpt_path, cfg, "pass that run's config (config.yaml in its run folder) or those values as flags"
+        ) if cfg.ckpt_path else None  # fmt: skip
+        if mismatch:
+            _warn_on(ctx)(mismatch)
         inputs = DeviceInput(cfg, train=False, device=ctx.device)
         loader = eval_loader(cfg, dataset, ctx)
         try:

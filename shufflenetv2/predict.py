@@ -2,10 +2,11 @@
 and on the ``.onnx`` file they export for deployment.
 
 Images go through the evaluation transform of a config (resize to ``image_resize / crop_pct``, centre
-crop, MindCV's normalisation), so a prediction sees what ``validate.py`` sees.  Classes are named by
-the names a training run recorded in the weights (``Weights.classes``) or an export wrote into its
-ONNX metadata, or by their index for files that carry none (MindCV's ``.ckpt``, torchvision's state
-dicts).  ``.pt2`` programs are refused: ``torch.export.load`` unpickles parts of them.
+crop, MindCV's normalisation), so a prediction sees what ``validate.py`` sees.  Without a config: the
+transform the weights were trained with, as our files record it (``config.EVALUATION_KEYS``), else
+MindCV's.  Classes are named by the names a training run recorded in the weights (``Weights.classes``) or
+an export wrote into its ONNX metadata, or by their index for files that carry none (MindCV's ``.ckpt``,
+torchvision's state dicts).  ``.pt2`` programs are refused: ``torch.export.load`` unpickles parts of them.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, evaluation_differences, with_evaluation
 from .data import ImageFilesDataset, build_loader, is_image_name, sample_transform, stop_workers
 from .deploy import CLASSES_KEY, fuse
 from .device_input import DeviceInput
 from .distributed import pick_device
 from .errors import CheckpointError, DataError
 from .factory import model_from_weights
-from .weights import read_weights, recorded_classes
+from .weights import EVALUATION_KEY, read_evaluation, read_weights, recorded_classes, recorded_evaluation
 
 
 def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -58,6 +59,40 @@ class Network:
     names: list[str]
     device: torch.device
     trained_classes: list[str] | None = None  # the names the file recorded, when it recorded them
+
+
+def recorded_settings(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The evaluation settings a weight file of ours or its ``.onnx`` export recorded, or None."""
+    if Path(path).suffix.lower() != ".onnx":
+        return read_evaluation(path)
+    if importlib.util.find_spec("onnx") is None:
+        return None
+    import onnx
+
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception:  # an unreadable file: ONNX Runtime says why when it opens it
+        return None
+    return recorded_evaluation(next((p.value for p in props if p.key == EVALUATION_KEY), None))
+
+
+def config_for(path: str | os.PathLike[str], base: Config | None = None) -> Config:
+    """``base`` (or MindCV's defaults) with the evaluation settings ``path`` recorded: the transform the
+    weights were trained and validated with (64 px for the CIFAR-10 recipe, not the default 224)."""
+    base = base or Config()
+    recorded = recorded_settings(path)
+    return with_evaluation(base, recorded, where=f"the evaluation settings recorded in {path}") if recorded else base
+
+
+def settings_warning(path: str | os.PathLike[str], cfg: Config, remedy: str) -> str | None:
+    """A warning when ``cfg`` evaluates ``path`` otherwise than its training run did, or None."""
+    differences = evaluation_differences(cfg, recorded_settings(path))
+    if not differences:
+        return None
+    return (
+        f"the config evaluates {path} with {', '.join(differences)}: its training run used the weights' values, "
+        f"so results here may be worse than the run's; {remedy}"
+    )
 
 
 def load_network(path: str | os.PathLike[str], cfg: Config) -> Network:
@@ -118,14 +153,14 @@ def predict(
 ) -> Iterator[Prediction | DataError]:
     """One ``Prediction`` per image, in order, or the ``DataError`` saying why an image could not be read.
 
-    ``cfg`` gives the evaluation transform (MindCV's defaults: 224 px, crop_pct 0.875), ``batch_size``,
+    ``cfg`` gives the evaluation transform (without one: ``config_for`` the weights), ``batch_size``,
     ``num_parallel_workers`` and the input pipeline: images reach the network exactly as they reach it
     in ``validate.py``, through the same loader and the same decoding.  A weight file runs as
     ``fuse(model)`` (BatchNorm and the channel shuffle folded into the convolutions), float32, on
     ``cfg.device`` (auto: CUDA when there is one): its probabilities are the evaluation model's to float32
     rounding.  An ``.onnx`` file from ``shufflenetv2 export`` runs in ONNX Runtime on the CPU.
     """
-    cfg = cfg or Config()
+    cfg = cfg or config_for(weights_path)
     network = load_network(weights_path, cfg)
     paths = [str(path) for path in images]
     if len(paths) <= cfg.batch_size:  # one batch: starting workers would take longer than reading it

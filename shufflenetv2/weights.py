@@ -63,6 +63,38 @@ class Weights:
         names differ mean other classes; ``validate`` and resuming compare these with the data's."""
         return recorded_classes(self.metadata.get("classes"), self.arch["num_classes"])
 
+    @property
+    def evaluation(self) -> dict[str, object] | None:
+        """The evaluation-transform settings (``config.EVALUATION_KEYS``) of the run that wrote the file."""
+        return recorded_evaluation(self.metadata.get(EVALUATION_KEY))
+
+
+EVALUATION_KEY = "evaluation"  # where our files and exports keep the evaluation settings, as a JSON object
+
+
+def recorded_evaluation(text: str | None) -> dict[str, object] | None:
+    """A recorded JSON object of evaluation settings, or None where it is missing or is not one (values are
+    checked as config values where they are used)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_evaluation(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The evaluation settings a ``.safetensors`` file of ours recorded, from its header alone; None for
+    other formats and for files that cannot be read (reading the weights then says why)."""
+    from safetensors import safe_open
+
+    try:
+        if detect_format(path) != "safetensors":
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return recorded_evaluation((f.metadata() or {}).get(EVALUATION_KEY))
+    except Exception:  # any unreadable file: the full read reports it
+        return None
+
 
 def recorded_classes(text: str | None, count: object) -> list[str] | None:
     """Class names as our files record them (a JSON list of ``count`` strings: safetensors metadata, the
@@ -425,12 +457,13 @@ def save_weights(
     fmt: str | None = None,
     source: str = "",
     classes: Sequence[str] | None = None,
+    evaluation: dict[str, object] | None = None,
 ) -> Path:
     """Write ``model``'s weights atomically; the format comes from ``fmt`` or the extension.
 
-    ``.safetensors`` records the architecture in its metadata, and the class names when given
-    (``Weights.classes``).  ``.pth`` is a plain state dict (what torchvision loads), so it refuses an
-    architecture it cannot express.  ``.ckpt`` is for MindCV.
+    ``.safetensors`` records the architecture in its metadata, and the class names and evaluation settings
+    when given (``Weights.classes``, ``Weights.evaluation``).  ``.pth`` is a plain state dict (what
+    torchvision loads), so it refuses an architecture it cannot express.  ``.ckpt`` is for MindCV.
     """
     path = Path(path)
     fmt = output_format(path, fmt)
@@ -442,6 +475,8 @@ def save_weights(
         metadata = {"format": "shufflenetv2", "source": source, **{k: str(v) for k, v in arch.items()}}
         if classes is not None:
             metadata["classes"] = json.dumps(list(classes), ensure_ascii=False)
+        if evaluation is not None:
+            metadata[EVALUATION_KEY] = json.dumps(evaluation)
         with atomic_path(path) as tmp:  # bytes written by Python, so a full disk is a plain OSError
             tmp.write_bytes(save(state, metadata=metadata))
     elif fmt == "pth":

@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 
 from shufflenetv2 import create_model, read_weights, save_weights
 from shufflenetv2.cli import main
+from shufflenetv2.config import Config, evaluation_of
 from shufflenetv2.errors import CheckpointError
 from shufflenetv2.factory import model_from_weights
 from shufflenetv2.model import LAYOUTS
+from shufflenetv2.weights import read_evaluation
 
 from .conftest import assert_same_logits, calibrated, logits, shared_file
 
@@ -201,6 +203,28 @@ def test_class_names_are_kept_by_safetensors_shown_by_info_and_carried_by_conver
     for bad in ("not json", json.dumps(["ants", "bees"]), json.dumps([1, 2, 3]), json.dumps({"a": 1})):
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "classes": bad})
         assert read_weights(tmp_path / "bad.safetensors").classes is None, bad
+
+
+def test_evaluation_settings_are_kept_by_safetensors_shown_by_info_and_carried_by_convert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = evaluation_of(Config(image_resize=64, crop_pct=1.0))
+    model = create_model("shufflenet_v2_x0_5", num_classes=3)
+    path = save_weights(tmp_path / "m.safetensors", model, evaluation=settings)
+    assert read_weights(path).evaluation == settings == read_evaluation(path)  # the second from the header alone
+    assert main(["info", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["evaluation"] == settings and "evaluation" not in info["metadata"]
+    converted = tmp_path / "tv.safetensors"
+    assert main(["convert", str(path), str(converted), "--layout", "torchvision"]) == 0
+    assert read_weights(converted).evaluation == settings
+    pth = save_weights(tmp_path / "m.pth", model, evaluation=settings)  # a state dict has no place for them
+    assert read_weights(pth).evaluation is None and read_evaluation(pth) is None
+    assert read_evaluation(tmp_path / "missing.safetensors") is None  # reading the weights says why
+    tensors = read_weights(path).tensors
+    for bad in ("not json", json.dumps([64, 1.0])):  # edited by hand: as if not recorded
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "evaluation": bad})
+        assert read_weights(tmp_path / "bad.safetensors").evaluation is None, bad
 
 
 def test_an_export_given_where_weights_are_read_is_named_as_one(

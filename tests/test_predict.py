@@ -17,7 +17,7 @@ from PIL import Image
 
 from shufflenetv2 import create_model, save_weights
 from shufflenetv2.cli import main
-from shufflenetv2.config import Config
+from shufflenetv2.config import Config, evaluation_of
 from shufflenetv2.data import build_transform, load_image
 from shufflenetv2.errors import DataError
 from shufflenetv2.predict import _match_reasons, predict
@@ -208,3 +208,44 @@ def test_ctrl_c_stops_predict_quietly_without_talk_of_saving(tmp_path: Path) -> 
     assert process.returncode == 130, err
     assert len(rest.splitlines()) < 399  # it stopped before the end
     assert err.strip() == "interrupted", err
+
+
+def test_weights_carry_their_evaluation_transform_to_predict_export_and_onnx(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Weights trained at 32 px, as a training run records them: predict without -c uses their transform (not
+    MindCV's 224 px default), a config that evaluates otherwise is warned about, and export takes their size."""
+    model = calibrated(create_model("shufflenet_v2_x0_5", num_classes=4))
+    trained = Config(image_resize=32, crop_pct=1.0, interpolation="nearest", mean=(120.0, 110.0, 100.0))
+    weights = save_weights(tmp_path / "w.safetensors", model, classes=NAMES, evaluation=evaluation_of(trained))
+    assert main(["predict", str(weights), str(photos), "--top", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    for row in map(json.loads, out.out.splitlines()):
+        expected = expected_probabilities(model, Path(row["path"]), trained)
+        assert row["probabilities"] == pytest.approx(expected[row["indices"]].tolist(), abs=1e-6)
+        default = expected_probabilities(model, Path(row["path"]), Config())
+        assert (expected - default).abs().max() > 1e-3  # so the 224 px default would have given other numbers
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("image_resize: 32\ncrop_pct: 0.875\ninterpolation: nearest\nmean: [120, 110, 100]\n")
+    assert main(["predict", str(weights), str(photos), "-c", str(config)]) == 0
+    assert capsys.readouterr().err == (
+        f"warning: the config evaluates {weights} with crop_pct 0.875 (the weights': 1.0): its training run used the "
+        "weights' values, so results here may be worse than the run's; leave -c out to use those, or pass that "
+        "run's config.yaml\n"
+    )
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    exported = tmp_path / "m.onnx"
+    assert main(["export", str(weights), str(exported)]) == 0  # no --input-size: the weights' 32 px
+    assert ", 32 x 32 images, dynamic batch" in capsys.readouterr().out
+    assert main(["predict", str(exported), str(photos), "--top", "4", "--json"]) == 0  # its recorded transform
+    for row in map(json.loads, capsys.readouterr().out.splitlines()):
+        expected = expected_probabilities(model, Path(row["path"]), trained)
+        assert row["probabilities"] == pytest.approx(expected[row["indices"]].tolist(), abs=1e-5)
+    at_64 = tmp_path / "m64.onnx"  # exported at another size, the recorded settings would mislead: left out
+    assert main(["export", str(weights), str(at_64), "--input-size", "64"]) == 0
+    assert main(["predict", str(at_64), str(photos)]) == 2
+    assert "m64.onnx takes 64 x 64 images and the config crops to 224 px" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from PIL import Image
 from shufflenetv2 import batchnorm, create_model, engine, read_weights, save_weights
 from shufflenetv2.checkpoint import list_checkpoints, load_state
 from shufflenetv2.compiling import CompiledOrEager
-from shufflenetv2.config import Config, ConfigError, from_dict
+from shufflenetv2.config import Config, ConfigError, evaluation_of, from_dict
 from shufflenetv2.engine import (
     Precision,
     Trainer,
@@ -182,6 +182,16 @@ def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pyt
     reference = validate(cfg)
     assert reference.top1 == pytest.approx(result.last.top1) and reference.count == 18
     assert "warning" not in capsys.readouterr().err
+    recorded = evaluation_of(cfg)  # the run's evaluation transform, recorded with every weight file it wrote
+    assert read_weights(best).evaluation == recorded == read_weights(result.last_checkpoint).evaluation
+    assert recorded == {"image_resize": 16, "crop_pct": 1.0, "interpolation": "bilinear",
+                        "mean": list(cfg.mean), "std": list(cfg.std)}  # fmt: skip
+    validate(dataclasses.replace(cfg, image_resize=24))  # scored otherwise than the run scored it: said so
+    assert capsys.readouterr().err == (
+        f"warning: the config evaluates {best} with image_resize 24 (the weights': 16): its training run used the "
+        "weights' values, so results here may be worse than the run's; pass that run's config (config.yaml in its "
+        "run folder) or those values as flags\n"
+    )
     renamed = _val_with_blue_renamed_teal(tiny_data, tmp_path)  # the same images: the label of one class moves
     validate(dataclasses.replace(cfg, data_dir=str(renamed)))
     assert "trained on classes that differ from those of split 'val' (only in training: blue; only in val: teal)" in (
