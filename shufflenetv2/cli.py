@@ -158,7 +158,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     dst = Path(args.dst)
     evaluation = weights.evaluation
     if args.input_size is None:  # the size it was trained at: an export fixes H and W
-        args.input_size = int(evaluation.get("image_resize", 224)) if evaluation else 224  # type: ignore[arg-type]
+        recorded = config.with_evaluation(config.Config(), evaluation or {}, f"the settings recorded in {args.src}")
+        args.input_size = recorded.image_resize
     if args.aot:
         from .package import compile_package
 
