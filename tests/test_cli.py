@@ -182,49 +182,35 @@ def test_info_describes_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert info["format"] == "ckpt" and info["model"] == "shufflenet_v2_x1_5" and info["num_classes"] == 12
 
 
-def test_class_names_are_kept_by_safetensors_shown_by_info_and_carried_by_convert(
+def test_class_names_and_evaluation_settings_are_kept_by_safetensors_shown_by_info_and_carried_by_convert(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     names = ["ants", "bees", "café ☕"]  # label order; any Unicode
-    model = create_model("shufflenet_v2_x0_5", num_classes=3)
-    path = save_weights(tmp_path / "m.safetensors", model, classes=names)
-    assert read_weights(path).classes == names
-    assert main(["info", str(path)]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["classes"] == names and "classes" not in info["metadata"]
-    converted = tmp_path / "tv.safetensors"
-    assert main(["convert", str(path), str(converted), "--layout", "torchvision"]) == 0
-    assert read_weights(converted).classes == names
-    # no names where none were given, where a format cannot hold them, or where the record is not a list
-    # of num_classes strings (a file edited by hand): None, never an error
-    assert read_weights(save_weights(tmp_path / "plain.safetensors", model)).classes is None
-    assert read_weights(save_weights(tmp_path / "m.pth", model, classes=names)).classes is None
-    tensors = read_weights(path).tensors
-    for bad in ("not json", json.dumps(["ants", "bees"]), json.dumps([1, 2, 3]), json.dumps({"a": 1})):
-        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "classes": bad})
-        assert read_weights(tmp_path / "bad.safetensors").classes is None, bad
-
-
-def test_evaluation_settings_are_kept_by_safetensors_shown_by_info_and_carried_by_convert(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
     settings = evaluation_of(Config(image_resize=64, crop_pct=1.0))
     model = create_model("shufflenet_v2_x0_5", num_classes=3)
-    path = save_weights(tmp_path / "m.safetensors", model, evaluation=settings)
+    path = save_weights(tmp_path / "m.safetensors", model, classes=names, evaluation=settings)
+    assert read_weights(path).classes == names
     assert read_weights(path).evaluation == settings == read_evaluation(path)  # the second from the header alone
     assert main(["info", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["evaluation"] == settings and "evaluation" not in info["metadata"]
+    assert info["classes"] == names and info["evaluation"] == settings
+    assert "classes" not in info["metadata"] and "evaluation" not in info["metadata"]
     converted = tmp_path / "tv.safetensors"
     assert main(["convert", str(path), str(converted), "--layout", "torchvision"]) == 0
-    assert read_weights(converted).evaluation == settings
-    pth = save_weights(tmp_path / "m.pth", model, evaluation=settings)  # a state dict has no place for them
-    assert read_weights(pth).evaluation is None and read_evaluation(pth) is None
+    assert read_weights(converted).classes == names and read_weights(converted).evaluation == settings
+    # none where none were given, where a format cannot hold them, or where the record is not a list of
+    # num_classes strings / a JSON object (a file edited by hand): None, never an error
+    plain = read_weights(save_weights(tmp_path / "plain.safetensors", model))
+    assert plain.classes is None and plain.evaluation is None
+    pth = save_weights(tmp_path / "m.pth", model, classes=names, evaluation=settings)
+    assert read_weights(pth).classes is None and read_weights(pth).evaluation is None and read_evaluation(pth) is None
     assert read_evaluation(tmp_path / "missing.safetensors") is None  # reading the weights says why
     tensors = read_weights(path).tensors
-    for bad in ("not json", json.dumps([64, 1.0])):  # edited by hand: as if not recorded
-        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", "evaluation": bad})
-        assert read_weights(tmp_path / "bad.safetensors").evaluation is None, bad
+    for key, bad in [("classes", b) for b in ("not json", '["ants", "bees"]', "[1, 2, 3]", '{"a": 1}')] + [
+        ("evaluation", b) for b in ("not json", "[64, 1.0]")
+    ]:
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "shufflenetv2", key: bad})
+        assert getattr(read_weights(tmp_path / "bad.safetensors"), key) is None, bad
 
 
 def test_an_export_given_where_weights_are_read_is_named_as_one(
