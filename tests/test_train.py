@@ -185,7 +185,8 @@ def test_validate_any_weight_format(tiny_data: Path, tmp_path: Path, capsys: pyt
     recorded = evaluation_of(cfg)  # the run's evaluation transform, recorded with every weight file it wrote
     assert read_weights(best).evaluation == recorded == read_weights(result.last_checkpoint).evaluation
     assert recorded == {"image_resize": 16, "crop_pct": 1.0, "interpolation": "bilinear",
-                        "mean": list(cfg.mean), "std": list(cfg.std)}  # fmt: skip
+                        "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}  # fmt: skip
+    assert cfg.std[1] != 57.12  # 0.224 * 255 in binary: the record leaves the noise out
     validate(dataclasses.replace(cfg, image_resize=24))  # scored otherwise than the run scored it: said so
     assert capsys.readouterr().err == (
         f"warning: the config evaluates {best} with image_resize 24 (the weights': 16): its training run used the "
