@@ -175,6 +175,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.runtime != "onnxruntime" and dst.suffix != ".onnx":
         raise ShuffleNetV2Error(f"--runtime applies to .onnx exports only, not to {dst.name}")
     classes = weights.classes
+    if evaluation is not None and evaluation.get("image_resize") != args.input_size:
+        evaluation = None  # settings for another size would mislead whoever reads them (predict, validate.py)
     if dst.suffix == ".onnx":  # the zero-channel padding is for ONNX Runtime's blocked layout only
         if (classes is not None or evaluation is not None) and importlib.util.find_spec("onnx") is None:
             print(
@@ -182,13 +184,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
                 "file needs the onnx package"
             )
             classes = evaluation = None
-        if evaluation is not None and evaluation.get("image_resize") != args.input_size:
-            evaluation = None  # settings for another size would mislead predict and validate.py
         fused = fuse_for_onnx(model, pad=args.runtime == "onnxruntime")
         data = onnx_bytes(fused, args.input_size, args.opset, classes, evaluation)
         run, where, what = onnx_runner(data), "in ONNX Runtime, batch 3", "the ONNX export"
     elif dst.suffix == ".pt2":
-        data = program_bytes(fuse(model, channels_last=False), args.input_size, classes)
+        data = program_bytes(fuse(model, channels_last=False), args.input_size, classes, evaluation)
         run, where, what = program_runner(data), "in torch.export.load(...).module(), batch 3", "the exported program"
     else:
         raise ShuffleNetV2Error(f"cannot export to {dst.name}: name it .onnx (ONNX) or .pt2 (torch.export program)")

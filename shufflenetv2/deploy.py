@@ -421,14 +421,22 @@ def export_program(
     return write_export(path, program_bytes(model, input_size, classes), "the exported program")
 
 
-def program_bytes(model: nn.Module, input_size: int = 224, classes: Sequence[str] | None = None) -> bytes:
-    """What ``export_program`` writes, built in memory."""
+def program_bytes(
+    model: nn.Module,
+    input_size: int = 224,
+    classes: Sequence[str] | None = None,
+    evaluation: dict[str, object] | None = None,
+) -> bytes:
+    """What ``export_program`` writes, built in memory; the weights' evaluation settings, when given, go in
+    as the extra file ``evaluation.json``, as the ``.onnx`` export keeps them in its metadata."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model, input_size),), dynamic_shapes=({0: batch},))
-    extra = {f"{CLASSES_KEY}.json": json.dumps(list(classes), ensure_ascii=False)} if classes is not None else None
+    extra = {f"{CLASSES_KEY}.json": json.dumps(list(classes), ensure_ascii=False)} if classes is not None else {}
+    if evaluation is not None:
+        extra[f"{EVALUATION_KEY}.json"] = json.dumps(evaluation)
     buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files=extra)
+    torch.export.save(program, buffer, extra_files=extra or None)
     return buffer.getvalue()
 
 

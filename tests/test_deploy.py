@@ -23,6 +23,7 @@ import shufflenetv2 as snv2
 from shufflenetv2 import create_model, deploy, onnx_graph, save_weights
 from shufflenetv2.bench import ONNX_FILE, OPENVINO_BACKENDS, _runner, expand_backends, torchvision_model
 from shufflenetv2.cli import main
+from shufflenetv2.config import Config, evaluation_of
 from shufflenetv2.deploy import (
     FrozenCompiled,
     FusedShuffleNetV2,
@@ -241,7 +242,8 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path, c
     ort = pytest.importorskip("onnxruntime")
     model = _model("shufflenet_v2_x0_5", "mindcv")
     names = [f"class {i} ✓" for i in range(1000)]  # what a training run records in its weights
-    src = save_weights(tmp_path / "w.safetensors", model, classes=names)
+    settings = evaluation_of(Config(crop_pct=0.9))  # at 224 px, the size the exports below take
+    src = save_weights(tmp_path / "w.safetensors", model, classes=names, evaluation=settings)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)
@@ -252,6 +254,7 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path, c
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-4
     assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == names
+    assert json.loads(session.get_modelmeta().custom_metadata_map["evaluation"]) == settings
     onnx = pytest.importorskip("onnx")  # the Python route writes the same graph as the command
     m, py = tmp_path / "m.onnx", snv2.export_onnx(snv2.fuse_for_onnx(model), tmp_path / "py.onnx")
     command, python = (sorted(list(i.dims) for i in onnx.load(str(p)).graph.initializer) for p in (m, py))
@@ -259,11 +262,11 @@ def test_export_command_writes_onnx_and_a_torch_export_program(tmp_path: Path, c
     assert [32, 3, 3, 3] in command  # the stem, padded for ORT's blocked max-pool
     assert main(["export", str(src), str(tmp_path / "m.pt2")]) == 0
     assert "; checked: max |logit difference| " in capsys.readouterr().out
-    extra = {"classes.json": ""}
+    extra = {"classes.json": "", "evaluation.json": ""}
     program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra).module()
     with torch.no_grad():
         assert (program(x) - expected).abs().max() < 1e-4
-    assert json.loads(extra["classes.json"]) == names
+    assert json.loads(extra["classes.json"]) == names and json.loads(extra["evaluation.json"]) == settings
     assert main(["export", str(src), str(tmp_path / "m.tflite")]) == 2
     # for OpenVINO: the same routed graph without ONNX Runtime's zero channels
     assert main(["export", str(src), str(tmp_path / "ov.onnx"), "--runtime", "openvino"]) == 0
