@@ -817,13 +817,14 @@ def evaluation_of(cfg: Config) -> dict[str, Any]:
     weights trained at 64 px lose much of their accuracy through MindCV's default 224 px crop, and nothing
     else in the file says which size they take.  Floats lose their binary noise (57.12, not the default
     std's 57.120000000000005), here and so in every comparison with a record."""
-    return {key: _listed(_unnoised(getattr(cfg, key))) for key in EVALUATION_KEYS}
+    return {key: _unnoised(getattr(cfg, key)) for key in EVALUATION_KEYS}
 
 
 def _unnoised(value: object) -> object:
+    """A setting as a record holds it: floats rounded, tuples and lists as lists."""
     if isinstance(value, float):
         return round(value, 10)
-    return tuple(_unnoised(v) for v in value) if isinstance(value, tuple) else value
+    return [_unnoised(v) for v in value] if isinstance(value, tuple | list) else value
 
 
 def with_evaluation(cfg: Config, recorded: dict[str, Any], where: str) -> Config:
@@ -833,11 +834,13 @@ def with_evaluation(cfg: Config, recorded: dict[str, Any], where: str) -> Config
 
 def evaluation_differences(cfg: Config, recorded: dict[str, Any] | None) -> list[str]:
     """``key value (the weights': other)`` for each evaluation setting that the file recorded otherwise."""
+    if not recorded:
+        return []
     ours = evaluation_of(cfg)
     return [
         f"{key} {_shown(getattr(cfg, key))} (the weights': {_shown(_tupled(recorded[key]))})"
         for key in EVALUATION_KEYS
-        if recorded and key in recorded and _listed(_unnoised(_tupled(recorded[key]))) != ours[key]
+        if key in recorded and _unnoised(recorded[key]) != ours[key]
     ]
 
 
