@@ -160,23 +160,26 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.input_size is None:  # the size it was trained at: an export fixes H and W
         recorded = config.with_evaluation(config.Config(), evaluation or {}, f"the settings recorded in {args.src}")
         args.input_size = recorded.image_resize
+    classes = weights.classes
+    if evaluation is not None and evaluation.get("image_resize") != args.input_size:
+        evaluation = None  # settings for another size would mislead whoever reads them (predict, validate.py)
     if args.aot:
         from .package import compile_package
 
-        compile_package(model, dst, args.batch, args.input_size)
+        compile_package(model, dst, args.batch, args.input_size, classes, evaluation)
         shape = f"{args.batch}x{weights.arch['in_channels']}x{args.input_size}x{args.input_size}"
+        recorded = [f"the names of its {len(classes)} classes"] if classes is not None else []
+        recorded += ["its evaluation settings"] if evaluation is not None else []
+        kept = f"; {' and '.join(recorded)} in its metadata" if recorded else ""
         print(
-            f"wrote {dst}: {name} compiled ahead of time for float32 CPU inputs of {shape} on this kind of CPU; "
-            "its logits were checked against the weights' before it was written"
+            f"wrote {dst}: {name} compiled ahead of time for float32 CPU inputs of {shape} on this kind of CPU"
+            f"{kept}; its logits were checked against the weights' before it was written"
         )
         return
     if args.batch != 1:
         raise ShuffleNetV2Error("--batch applies to --aot packages only: .onnx and .pt2 exports take any batch")
     if args.runtime != "onnxruntime" and dst.suffix != ".onnx":
         raise ShuffleNetV2Error(f"--runtime applies to .onnx exports only, not to {dst.name}")
-    classes = weights.classes
-    if evaluation is not None and evaluation.get("image_resize") != args.input_size:
-        evaluation = None  # settings for another size would mislead whoever reads them (predict, validate.py)
     if dst.suffix == ".onnx":  # the zero-channel padding is for ONNX Runtime's blocked layout only
         if (classes is not None or evaluation is not None) and importlib.util.find_spec("onnx") is None:
             print(

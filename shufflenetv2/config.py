@@ -143,6 +143,7 @@ class Config:
     amp_dtype: str = "auto"  # ours: auto = bfloat16 where supported, else float16
     ema: bool = False
     ema_decay: float = 0.9999
+    precise_bn: int = 0  # ours: training images to recompute BatchNorm statistics from at each epoch's end
     channels_last: bool = True  # ours: NHWC activations; faster training on CPUs and on GPUs (benchmarks/)
     # loss
     loss: str = "CE"
@@ -256,6 +257,9 @@ HELP: dict[str, dict[str, str]] = {
         "amp_dtype": "ours: the autocast type; auto = bfloat16 where supported, else float16",
         "ema": "keep an exponential moving average of the weights, evaluated and saved beside them",
         "ema_decay": "the average's decay per step",
+        "precise_bn": "ours: at each epoch's end, recompute the BatchNorm statistics that evaluation and the saved "
+        "weights use from this many training images under the current weights (0: keep the running averages); "
+        "for fine-tuning and small datasets, where the averages lag the weights",
         "channels_last": "ours: NHWC activations, faster on CPUs and GPUs",
     },
     "loss": {
@@ -568,6 +572,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mixup and cutmix are Beta-distribution alphas and must not be negative")
     if cfg.scale[0] > cfg.scale[1] or cfg.ratio[0] > cfg.ratio[1]:
         raise ConfigError(f"scale and ratio must be (min, max) ranges, got {cfg.scale} and {cfg.ratio}")
+    if cfg.precise_bn < 0:
+        raise ConfigError(f"precise_bn must be 0 (off) or a number of training images, got {cfg.precise_bn}")
     if cfg.ckpt_save_steps < 0:
         raise ConfigError(f"ckpt_save_steps must be 0 (epoch ends only) or more, got {cfg.ckpt_save_steps}")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:

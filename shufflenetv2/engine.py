@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import os
 import random
 import sys
@@ -36,6 +38,7 @@ from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
+from .precise_bn import recompute_batchnorm_statistics
 from .predict import Network, onnx_network, settings_warning
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
@@ -643,6 +646,8 @@ class Trainer:
         row: dict[str, Any] = {
             "epoch": self.epoch, "train_loss": train_loss, "lr": lr, "train_time": train_time, "unreadable": unreadable
         }  # fmt: skip
+        if cfg.precise_bn:
+            row["precise_bn_time"] = self._recompute_batchnorm_statistics(epoch)
         evaluation, eval_time = None, 0.0
         if self.val_loader is not None and (self.epoch % cfg.val_interval == 0 or self.epoch == cfg.epoch_size):
             eval_start = time.perf_counter()
@@ -675,6 +680,28 @@ class Trainer:
         if stopping:
             self._interrupted(f"after epoch {self.epoch}")
         return evaluation
+
+    def _recompute_batchnorm_statistics(self, epoch: int) -> float:
+        """precise_bn: the BatchNorm statistics that evaluation and the saved weights use, from this epoch's
+        first training batches under the weights as they are now (``precise_bn``), for the network and its
+        EMA; returns the seconds it took.  Training goes on exactly as it would have without it: every
+        augmentation is drawn from its sample's own seed (``data.SeededSampler``), so going over these
+        batches again draws nothing from the loop's random state (``test_precise_bn_changes_only...``)."""
+        cfg, ctx = self.cfg, self.ctx
+        start = time.perf_counter()
+        batches = min(self.batches_per_epoch, math.ceil(cfg.precise_bn / (cfg.batch_size * ctx.world_size)))
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        self.train_loader.sampler.set_epoch(epoch)
+        images = (self.train_inputs(loaded)[0] for loaded in itertools.islice(self.train_loader, batches))
+        fed = recompute_batchnorm_statistics(models, images, self.precision.autocast(ctx.device))
+        seconds = time.perf_counter() - start
+        if epoch == self.first_epoch:
+            which = "the network's and its EMA's" if self.ema is not None else "the network's"
+            self.log.info(
+                f"precise_bn: {which} BatchNorm statistics recomputed from {fed * cfg.batch_size} training images "
+                f"under epoch {epoch + 1}'s weights in {seconds:.1f} s; again at the end of every epoch"
+            )
+        return seconds
 
     def _interrupted(self, where: str) -> None:
         saved = f"saved {self.last_checkpoint}" if self.last_checkpoint else "the checkpoint was saved on rank 0"

@@ -20,15 +20,18 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .deploy import _example, check_export, frozen_graph
+from .deploy import CLASSES_KEY, _example, check_export, frozen_graph
 from .errors import ShuffleNetV2Error
 from .fileio import storage_error
 from .model import ShuffleNetV2
+from .weights import EVALUATION_KEY
 
 PACKAGE_FORMAT = "shufflenetv2-aot/1"  # our metadata entry; a package without it was not written here
 
@@ -52,11 +55,21 @@ def package_graph(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
-def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_size: int = 224) -> Path:
+def compile_package(
+    model: nn.Module,
+    path: str | Path,
+    batch: int = 1,
+    input_size: int = 224,
+    classes: Sequence[str] | None = None,
+    evaluation: dict[str, object] | None = None,
+) -> Path:
     """Compile ``model`` for float32 CPU inputs of shape (batch, C, input_size, input_size) into ``path``
     (``.pt2``), with its weights frozen in.  Takes tens of seconds (inductor compiles and links C++); the
     file is written whole or not at all, and only once its logits match ``model``'s (``check_export``).
-    Load it with ``load_package``."""
+    Load it with ``load_package``.  ``classes`` (the logits' names) and ``evaluation`` (the weights'
+    evaluation transform, ``config.evaluation_of``) go into its metadata as JSON, as ``export`` keeps
+    them in an ``.onnx`` file, so whoever runs the package knows what its outputs mean and how to
+    prepare its inputs."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise ShuffleNetV2Error(f"cannot write a compiled package to {path.name}: name it .pt2")
@@ -69,6 +82,10 @@ def compile_package(model: nn.Module, path: str | Path, batch: int = 1, input_si
     example = _example(model, input_size, batch).contiguous(memory_format=torch.channels_last)
     shape = tuple(example.shape)
     metadata = {"format": PACKAGE_FORMAT, "input_shape": ",".join(map(str, shape)), "dtype": "float32"}
+    if classes is not None:
+        metadata[CLASSES_KEY] = json.dumps(list(classes), ensure_ascii=False)
+    if evaluation is not None:
+        metadata[EVALUATION_KEY] = json.dumps(evaluation)
     # autograd off for the compile too: inductor packs the frozen weights for oneDNN (convolutions with
     # their ReLU fused) only then, and otherwise emits plain convolutions, 0.7x as fast at x1.0 batch 1
     try:
@@ -129,6 +146,18 @@ def _runs_here(isa: str) -> bool:
     return not isa or isa.upper() in {str(found).upper() for found in valid_vec_isa_list()}
 
 
+def _json(metadata: dict[str, str], key: str, path: str | Path) -> Any:
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except ValueError:
+        raise ShuffleNetV2Error(
+            f"{path}: its {key!r} metadata is not JSON ({metadata[key][:80]!r}); compile it again with "
+            "`shufflenetv2 export WEIGHTS FILE.pt2 --aot`"
+        ) from None
+
+
 class CompiledPackage(nn.Module):
     """A loaded package, called like the model it was compiled from on inputs of its one shape."""
 
@@ -142,6 +171,9 @@ class CompiledPackage(nn.Module):
             )
         self.input_shape = tuple(int(side) for side in metadata["input_shape"].split(","))
         self.metadata = metadata
+        # what its logits mean and how its inputs were prepared in training, when the weights recorded them
+        self.classes: list[str] | None = _json(metadata, CLASSES_KEY, path)
+        self.evaluation: dict[str, object] | None = _json(metadata, EVALUATION_KEY, path)
         self._runner = _aoti().aoti_load_package(str(path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

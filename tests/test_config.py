@@ -331,6 +331,7 @@ def test_aliases_point_at_real_keys() -> None:
         ({"crop_pct": 0}, ["crop_pct", "(0, 1]"]),
         ({"crop_pct": 1.2}, ["crop_pct"]),
         ({"ema_decay": 1.0}, ["ema_decay"]),
+        ({"precise_bn": -256}, ["precise_bn", "0 (off) or a number of training images", "-256"]),
         ({"lr": -0.1}, ["lr"]),
         ({"keep_checkpoint_max": 0}, ["keep_checkpoint_max"]),
         ({"loss_scale": 0}, ["loss_scale"]),
@@ -355,7 +356,9 @@ def test_impossible_settings_are_explained(values: dict, words: list[str]) -> No
 
 
 def test_limits_themselves_are_allowed() -> None:
-    cfg = from_dict({"hflip": 1.0, "label_smoothing": 0.0, "crop_pct": 1.0, "batch_size": 1, "epoch_size": 1})
+    cfg = from_dict(
+        {"hflip": 1.0, "label_smoothing": 0.0, "crop_pct": 1.0, "batch_size": 1, "epoch_size": 1, "precise_bn": 0}
+    )
     assert cfg.hflip == 1.0 and cfg.crop_pct == 1.0
     assert from_dict({"ckpt_save_policy": "top_k", "val_while_train": True}).ckpt_save_policy == "top_k"
     assert from_dict({"ckpt_save_policy": "none", "keep_checkpoint_max": 0}).keep_checkpoint_max == 0

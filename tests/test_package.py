@@ -19,6 +19,7 @@ import shufflenetv2 as snv2
 from shufflenetv2 import ShuffleNetV2Error, compile_package, create_model, load_package, save_weights
 from shufflenetv2.bench import _runner, torchvision_model
 from shufflenetv2.cli import main
+from shufflenetv2.config import evaluation_of, from_dict
 from shufflenetv2.model import build_network
 
 from .conftest import built_once, calibrated, shared_file
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.skipif(
     not hasattr(torch._inductor, "aoti_compile_and_package"), reason="AOTInductor packages need torch >= 2.6"
 )
 SHAPE = (2, 3, 64, 64)
+CLASSES = ["café", *(f"class {k}" for k in range(1, 1000))]
+EVALUATION = evaluation_of(from_dict({"image_resize": 64, "crop_pct": 1.0, "interpolation": "bicubic"}))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def exported(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tupl
     is seeded, so every worker's is the one compiled).  Returns the package and what the command printed."""
 
     def build(folder: Path) -> None:
-        src = save_weights(folder / "x05.safetensors", model)
+        src = save_weights(folder / "x05.safetensors", model, classes=CLASSES, evaluation=EVALUATION)
         argv = ["export", str(src), str(folder / "x05.pt2"), "--aot", "--batch", "2", "--input-size", "64"]
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
@@ -92,18 +95,21 @@ def test_load_package_refuses_missing_truncated_foreign_and_other_cpu_files(pack
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
     program = snv2.export_program(nn.Conv2d(3, 4, 1), tmp_path / "program.pt2")  # a .pt2, but not a package
-    other_cpu = tmp_path / "other_cpu.pt2"  # the same package, its metadata claiming an ISA no CPU has
-    with zipfile.ZipFile(package) as src, zipfile.ZipFile(other_cpu, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename.endswith("wrapper_metadata.json"):
-                data = json.dumps({**json.loads(data), "AOTI_CPU_ISA": "AVX1024"}).encode()
-            dst.writestr(item, data)
+    # the same package, its metadata claiming an ISA no CPU has, or with its class names cut short
+    other_cpu, cut_names = tmp_path / "other_cpu.pt2", tmp_path / "cut_names.pt2"
+    for path, change in ((other_cpu, {"AOTI_CPU_ISA": "AVX1024"}), (cut_names, {"classes": '["class 0", "cl'})):
+        with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename.endswith("wrapper_metadata.json"):
+                    data = json.dumps({**json.loads(data), **change}).encode()
+                dst.writestr(item, data)
     refusals = {
         tmp_path / "missing.pt2": "no such file",
         truncated: "not a readable package",
         program: "not a compiled package written by shufflenetv2",
         other_cpu: "compiled for CPUs with AVX1024, which this CPU lacks",
+        cut_names: r"its 'classes' metadata is not JSON \('\[\"class 0\", \"cl'\); compile it again",
     }
     for path, message in refusals.items():
         with pytest.raises(ShuffleNetV2Error, match=message):
@@ -137,12 +143,18 @@ def test_export_command_writes_a_package_for_one_batch_size(
     exported: tuple[Path, str], model: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     package, printed = exported
-    assert "compiled ahead of time for float32 CPU inputs of 2x3x64x64" in printed
-    assert "its logits were checked against the weights' before it was written" in printed
+    assert (
+        "compiled ahead of time for float32 CPU inputs of 2x3x64x64 on this kind of CPU; the names of its 1000 "
+        "classes and its evaluation settings in its metadata; its logits were checked against the weights' before"
+    ) in printed
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = model(x)
-    assert (load_package(package)(x) - expected).abs().max() < 1e-4 * expected.abs().max()
+    loaded = load_package(package)
+    assert (loaded(x) - expected).abs().max() < 1e-4 * expected.abs().max()
+    # what its logits mean and how the weights' training run prepared images, as the weights recorded them
+    assert loaded.classes == CLASSES and loaded.evaluation == EVALUATION
+    assert loaded.evaluation["image_resize"] == 64 and loaded.evaluation["interpolation"] == "bicubic"
     # --batch means nothing to a dynamic-batch export, and says so rather than being ignored
     src = package.with_suffix(".safetensors")
     assert main(["export", str(src), str(tmp_path / "m.onnx"), "--batch", "4"]) == 2

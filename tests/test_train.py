@@ -546,6 +546,52 @@ def test_a_checkpoints_state_file_passed_as_weights_names_the_weight_files(tiny_
     assert read_weights(ref.ema).arch["model"] == "shufflenet_v2_x0_5"  # the file the messages name
 
 
+def test_precise_bn_changes_only_the_statistics_that_evaluation_and_the_files_use(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """At each epoch's end the network's and its EMA's BatchNorm statistics are recomputed from training
+    batches, which draws nothing from the loop's random state: the same training step for step, the same
+    weights, other statistics (so another validation), and the files hold them."""
+    common = dict(epoch_size=2, ema=True, ema_decay=0.9, log_interval=1)
+    train(tiny_config(tiny_data, tmp_path / "plain", **common))
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "precise", precise_bn=12, **common))
+    trainer.run()
+    log = (tmp_path / "precise" / "train_rank0.log").read_text()
+    assert (
+        "precise_bn: the network's and its EMA's BatchNorm statistics recomputed from 16 training images under "
+        "epoch 1's weights in " in log
+    )  # 12 images round up to 2 whole batches of 8
+    assert log.count("precise_bn: ") == 1
+
+    def step_losses(run: str) -> list[str]:
+        lines = (tmp_path / run / "train_rank0.log").read_text().splitlines()
+        return [line.split("loss: ")[1].split(",")[0] for line in lines if "batch: [" in line]
+
+    assert len(step_losses("plain")) == 12 and step_losses("precise") == step_losses("plain")
+    plain_rows = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    precise_rows = [json.loads(x) for x in (tmp_path / "precise" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(plain_rows, precise_rows, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] != b["val_loss"]
+        assert "precise_bn_time" not in a and b["precise_bn_time"] > 0
+    plain_ref, ref = list_checkpoints(tmp_path / "plain")[-1], list_checkpoints(tmp_path / "precise")[-1]
+    for a, b in ((plain_ref.weights, ref.weights), (plain_ref.ema, ref.ema)):
+        a, b = read_weights(a).tensors, read_weights(b).tensors
+        assert a.keys() == b.keys()
+        for key in a:  # the weights are the same, every statistic is another
+            assert torch.equal(a[key], b[key]) != ("running" in key), key
+
+    files = [(trainer.model, read_weights(ref.weights).tensors), (trainer.ema.module, read_weights(ref.ema).tensors)]
+    for model, saved in files:
+        for key, value in model.state_dict().items():
+            if "running" in key:
+                assert torch.equal(saved[key], value), key
+    trainer._recompute_batchnorm_statistics(1)  # the same batches under the same weights: the same statistics
+    for model, saved in files:
+        for key, value in model.state_dict().items():
+            if "running" in key:
+                torch.testing.assert_close(value, saved[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path, batch_size=4, gradient_accumulation_steps=3, epoch_size=1, lr_global_batch=4)
     trainer = Trainer(cfg)
