@@ -1,4 +1,5 @@
-"""The shufflenetv2 command: train, validate, predict, summary, info, convert, export, bench, recipes and demo.
+"""The shufflenetv2 command: train, validate, predict, summary, info, convert, recalibrate, export, bench, recipes
+and demo.
 
 Errors meant for users (``ShuffleNetV2Error``) are printed as one paragraph with exit code 2; a training
 run stopped by SIGTERM/SIGINT after saving exits with 75 (``EXIT_INTERRUPTED``); anything else is a bug
@@ -323,6 +324,50 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise ShuffleNetV2Error(f"{len(failed)} of {len(images)} images could not be read (named above)")
 
 
+def _cmd_recalibrate(args: argparse.Namespace) -> None:
+    from .distributed import pick_device
+    from .precise_bn import recalibrate, running_batchnorms
+    from .predict import config_for
+
+    if args.images < 1:
+        raise ShuffleNetV2Error(f"--images must be at least 1, got {args.images}")
+    if not (args.data_dir or args.config):
+        raise ShuffleNetV2Error(
+            "name the training images: --data_dir DIR (its train folder), or -c CONFIG with data_dir"
+        )
+    # without -c: the transform the weights were trained with, at the size they recorded
+    loaded = config.from_dict(config.load_yaml(args.config), where=args.config) if args.config else None
+    cfg = loaded or config_for(args.src)
+    overrides = {"data_dir": args.data_dir, "batch_size": args.batch_size, "device": args.device}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    config.validate(cfg)
+    source = read_weights(args.src, ema=args.ema)
+    name = source.arch["model"]
+    if name is None:
+        raise ShuffleNetV2Error(f"{args.src}: its tensors fit no ShuffleNetV2 width")
+    arch = source.arch
+    model = model_from_weights(source, str(name), arch["num_classes"], arch["in_channels"], layout=source.layout)
+    device = pick_device(cfg.device)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    before = [bn.running_var.clone() for bn in running_batchnorms(model)]
+    fed, described = recalibrate(model, cfg, args.images, device)
+    layers = zip(running_batchnorms(model), before, strict=True)
+    moved = torch.cat([(bn.running_var / old.clamp_min(1e-12) - 1).abs() for bn, old in layers])
+    evaluation = config.evaluation_of(cfg)  # the statistics now fit this transform's images
+    note = f"{Path(args.src).name} with BatchNorm statistics from {fed} images of {cfg.data_dir}"
+    fmt = output_format(args.dst, None)
+    try:
+        save_weights(args.dst, model, fmt=fmt, source=note, classes=source.classes, evaluation=evaluation)
+    except OSError as exc:
+        raise storage_error(exc, args.dst, "the recalibrated weights") from None
+    print(
+        f"wrote {args.dst}: {name} from {args.src} with the statistics of its {len(before)} BatchNorm layers "
+        f"recomputed from {fed} images of {described}, under the training transform at {cfg.image_resize} px; "
+        f"the running variances moved by {100 * float(moved.median()):.1f} % in the median, "
+        f"{100 * float(moved.max()):.0f} % at most"
+    )
+
+
 def _cmd_recipes(args: argparse.Namespace) -> None:
     if args.name:
         sys.stdout.write(recipes.text(args.name))
@@ -395,6 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(WIDTHS), help="model name (default: inferred from the tensors)")
     p.add_argument("--ema", action="store_true", help="convert the EMA copy of a training checkpoint")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "recalibrate",
+        help="recompute a weight file's BatchNorm statistics from training images (precise BN), for weights "
+        "whose running averages lag them or that move to another image size",
+    )
+    p.add_argument("src", help="weights: .safetensors, MindCV .ckpt, .pth or .pt")
+    p.add_argument("dst", help="output file; its extension picks the format")
+    p.add_argument("--data_dir", "--data-dir", help="the dataset: its train_split folder gives the images")
+    p.add_argument(
+        "-c", "--config",
+        help="the training config (a file or a shipped recipe's name) whose training split, transform, image_resize "
+        "and batch_size to use (default: the evaluation settings the weights record, else MindCV's: 224 px)",
+    )  # fmt: skip
+    p.add_argument("--images", type=int, default=1024, help="how many training images (default 1024)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the config's)")
+    p.add_argument("--ema", action="store_true", help="recalibrate the EMA copy of a training checkpoint")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default: the config's, auto)")
+    p.set_defaults(func=_cmd_recalibrate)
 
     p = sub.add_parser(
         "export", help="a fused inference model as ONNX (.onnx), a torch.export program (.pt2), or --aot compiled"

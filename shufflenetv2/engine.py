@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import random
@@ -38,7 +37,7 @@ from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
-from .precise_bn import recompute_batchnorm_statistics
+from .precise_bn import first_inputs, recompute_batchnorm_statistics
 from .predict import Network, onnx_network, settings_warning
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
@@ -692,7 +691,7 @@ class Trainer:
         batches = min(self.batches_per_epoch, math.ceil(cfg.precise_bn / (cfg.batch_size * ctx.world_size)))
         models = [self.model] + ([self.ema.module] if self.ema is not None else [])
         self.train_loader.sampler.set_epoch(epoch)
-        images = (self.train_inputs(loaded)[0] for loaded in itertools.islice(self.train_loader, batches))
+        images = first_inputs(self.train_loader, self.train_inputs, batches)
         fed = recompute_batchnorm_statistics(models, images, self.precision.autocast(ctx.device))
         seconds = time.perf_counter() - start
         if epoch == self.first_epoch:

@@ -19,12 +19,17 @@ training that follows do not.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from . import data
 from . import distributed as dist
+from .config import Config
+from .device_input import DeviceInput
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -99,3 +104,24 @@ def recompute_batchnorm_statistics(
                 bn.running_var.copy_(var)
         for module, training in modes:
             module.training = training
+
+
+def first_inputs(
+    loader: Iterable, inputs: Callable[[object], tuple[torch.Tensor | None, ...]], batches: int
+) -> Iterator[torch.Tensor | None]:
+    """The network inputs of ``loader``'s first ``batches`` batches, as ``inputs`` (``DeviceInput``) makes them."""
+    return (inputs(loaded)[0] for loaded in itertools.islice(loader, batches))
+
+
+def recalibrate(model: nn.Module, cfg: Config, images: int, device: torch.device) -> tuple[int, str]:
+    """``model``'s BatchNorm statistics recomputed from about ``images`` images of ``cfg``'s training split
+    under its training transform (``shufflenetv2 recalibrate``): what ``precise_bn`` does at the end of an
+    epoch, for weights trained without it, or moved to another resolution (``image_resize``).  Returns the
+    number of images fed and the split's description."""
+    dataset = data.build_dataset(cfg, cfg.train_split, train=True)
+    loader = data.build_loader(cfg, dataset, train=True, seed=cfg.seed)
+    loader.sampler.set_epoch(0)
+    batches = min(len(loader), math.ceil(images / cfg.batch_size))
+    inputs = DeviceInput(cfg, train=True, device=device)
+    fed = recompute_batchnorm_statistics([model], first_inputs(loader, inputs, batches))
+    return fed * cfg.batch_size, data.describe_dataset(dataset)

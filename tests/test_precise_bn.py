@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from shufflenetv2 import create_model
+from shufflenetv2 import create_model, read_weights, save_weights
+from shufflenetv2 import data as data_mod
+from shufflenetv2.cli import main
+from shufflenetv2.config import evaluation_of, from_dict
+from shufflenetv2.device_input import DeviceInput
 from shufflenetv2.precise_bn import recompute_batchnorm_statistics, running_batchnorms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +156,79 @@ def test_ranks_end_with_the_statistics_of_all_ranks_batches(tmp_path: Path) -> N
             for key in got:
                 torch.testing.assert_close(got[key], expected[key], rtol=tolerance, atol=tolerance, msg=f"{name} {key}")
     assert not torch.allclose(plain.first_conv[1].running_var, synced.first_conv[1].running_var)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 8 training images of 24 x 24 coloured noise."""
+    root = tmp_path_factory.mktemp("recalibrate")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("ant", "bee", "wasp")):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = (torch.randint(0, 120, (24, 24, 3), generator=g) + 60 * c).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_recalibrate_command_writes_the_training_images_statistics(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`shufflenetv2 recalibrate`: weights whose statistics are far off get those of the first training
+    batches of epoch 0 under the training transform, at the size the weights record or the config's;
+    the weights, class names and format stay."""
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=3)
+    for bn in running_batchnorms(model):  # statistics that fit no data
+        bn.running_mean.add_(3.0)
+        bn.running_var.mul_(50.0)
+    recorded = evaluation_of(from_dict({"image_resize": 16, "crop_pct": 1.0}))
+    src = save_weights(tmp_path / "off.safetensors", model, classes=["ant", "bee", "wasp"], evaluation=recorded)
+    dst = tmp_path / "recalibrated.safetensors"
+    argv = ["recalibrate", str(src), str(dst), "--data_dir", str(images), "--images", "13", "--batch-size", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"wrote {dst}: shufflenet_v2_x0_5 from {src} with the statistics of its 56 BatchNorm layers recomputed from "
+        f"18 images of 24 images, 3 classes ({images / 'train'}), under the training transform at 16 px; the "
+        "running variances moved by "
+    ) in printed  # 13 images round up to 3 batches of 6
+    written = read_weights(dst)
+    assert written.classes == ["ant", "bee", "wasp"] and written.evaluation == recorded
+
+    # what training's precise_bn would compute: the first 3 batches of epoch 0, as the training loader gives them
+    cfg = from_dict({"data_dir": str(images), "image_resize": 16, "crop_pct": 1.0, "batch_size": 6})
+    loader = data_mod.build_loader(cfg, data_mod.build_dataset(cfg, "train", train=True), train=True)
+    loader.sampler.set_epoch(0)
+    inputs = DeviceInput(cfg, train=True, device=torch.device("cpu"))
+    expected = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    fed = recompute_batchnorm_statistics([expected], (inputs(batch)[0] for batch in list(loader)[:3]))
+    assert fed == 3
+    for key, value in expected.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(written.tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
+            assert not torch.equal(value, model.state_dict()[key]), key
+        else:
+            assert torch.equal(written.tensors[key], value), key
+
+    # a config's image size: the statistics fit its images, and the file records its transform
+    config_file = tmp_path / "at24.yaml"
+    config_file.write_text(f"data_dir: {images}\nimage_resize: 24\nbatch_size: 8\nnum_parallel_workers: 0\n")
+    assert main(["recalibrate", str(src), str(tmp_path / "at24.safetensors"), "-c", str(config_file)]) == 0
+    assert "recomputed from 24 images of 24 images, 3 classes" in capsys.readouterr().out
+    assert read_weights(tmp_path / "at24.safetensors").evaluation == evaluation_of(from_dict({"image_resize": 24}))
+
+
+def test_recalibrate_refusals(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = save_weights(tmp_path / "w.safetensors", create_model("shufflenet_v2_x0_5", num_classes=3))
+    dst = tmp_path / "out.safetensors"
+    refusals = {
+        (): "name the training images: --data_dir DIR (its train folder), or -c CONFIG with data_dir",
+        ("--data_dir", str(images), "--images", "0"): "--images must be at least 1, got 0",
+        ("--data_dir", str(tmp_path / "nowhere")): "nowhere",
+        ("--data_dir", str(images), "--batch-size", "100"): "fewer than batch_size 100",
+    }
+    for extra, message in refusals.items():
+        assert main(["recalibrate", str(src), str(dst), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not dst.exists()
