@@ -209,6 +209,14 @@ def evaluate(
     return EvalResult(top1 / count, top5 / count, loss_sum / count, int(count), int(bad), tuple(unreadable))
 
 
+def statistics_lag(val_loss: float, train_loss: float, cfg: Config) -> bool:
+    """Whether a validation loss suggests BatchNorm running statistics that lag the weights: more than ten
+    times both the training loss and a uniform guess's.  Confidently wrong on validation images while
+    fitting the training ones is what normalising with an earlier network's statistics gives (a
+    fine-tuning on hymenoptera: 20,612,987 after epoch 1, training loss 1.2; ``precise_bn``)."""
+    return val_loss > 10 * max(train_loss, math.log(max(cfg.num_classes, 2)))
+
+
 def compiles(cfg: Config, device: torch.device) -> bool:
     """Whether mode 0 compiles the training step and evaluation here: everywhere but on a CPU, where
     torch.compile trains this network at 0.67-0.88x the speed of eager channels_last (every ``bench`` run in
@@ -420,6 +428,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed = self._maybe_resume()
         self.compile_reported = False  # the first step's time, when it includes compiling (or loading) code
+        self.lag_warned = False  # the advice to use precise_bn, given once a run
 
         net: nn.Module = self.model
         self.ddp: DistributedDataParallel | None = None
@@ -663,6 +672,16 @@ class Trainer:
                 f"top-5 {100 * evaluation.top5:.2f}%  loss {evaluation.loss:.4f}  "
                 f"({evaluation.count} images{evaluation.describe_unreadable()}, {eval_time:.1f} s)"
             )
+            if not cfg.precise_bn and not self.lag_warned and statistics_lag(evaluation.loss, train_loss, cfg):
+                self.lag_warned = True
+                self._warn(
+                    f"the validation loss, {evaluation.loss:,.1f}, is more than 10 times both the training loss "
+                    f"({train_loss:.3f}) and a uniform guess's ({math.log(cfg.num_classes):.3f}): BatchNorm's "
+                    f"running statistics probably lag the weights ({self.steps_per_epoch} optimizer steps an "
+                    "epoch, and fine-tuning or a high lr moves the weights fast). --precise_bn 1024 recomputes "
+                    "them from training images before each validation; `shufflenetv2 recalibrate` does it for "
+                    "weights already saved"
+                )
         row.update(eval_time=eval_time, total_time=time.perf_counter() - train_start)
         if record is not None:  # before the checkpoint: a crash in between repeats the row, never loses it
             try:

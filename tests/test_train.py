@@ -561,7 +561,17 @@ def test_precise_bn_changes_only_the_statistics_that_evaluation_and_the_files_us
         "precise_bn: the network's and its EMA's BatchNorm statistics recomputed from 16 training images under "
         "epoch 1's weights in " in log
     )  # 12 images round up to 2 whole batches of 8
-    assert log.count("precise_bn: ") == 1
+    assert log.count("precise_bn: ") == 1 and "warning" not in log
+    # without it, the validation loss is 3.6-4.9 million after epoch 1 (by thread count), and a warning says why
+    plain_log = (tmp_path / "plain" / "train_rank0.log").read_text()
+    assert plain_log.count("warning: the validation loss, ") == 1  # once a run
+    assert re.search(
+        r"warning: the validation loss, [\d,]{9}\.\d, is more than 10 times both the training loss \(1\.\d{3}\) and "
+        r"a uniform guess's \(1\.099\): BatchNorm's running statistics probably lag the weights \(6 optimizer steps "
+        r"an epoch, and fine-tuning or a high lr moves the weights fast\)\. --precise_bn 1024 recomputes them from "
+        r"training images before each validation; `shufflenetv2 recalibrate` does it for weights already saved\n",
+        plain_log,
+    )
 
     def step_losses(run: str) -> list[str]:
         lines = (tmp_path / run / "train_rank0.log").read_text().splitlines()
