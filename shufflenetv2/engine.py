@@ -213,7 +213,8 @@ def statistics_lag(val_loss: float, train_loss: float, cfg: Config) -> bool:
     """Whether a validation loss suggests BatchNorm running statistics that lag the weights: more than ten
     times both the training loss and a uniform guess's.  Confidently wrong on validation images while
     fitting the training ones is what normalising with an earlier network's statistics gives (a
-    fine-tuning on hymenoptera: 20,612,987 after epoch 1, training loss 1.2; ``precise_bn``)."""
+    fine-tuning on hymenoptera: 20,612,987 and 71.5 after epochs 1 and 2, training loss 1.2 and 0.9;
+    ``precise_bn``)."""
     return val_loss > 10 * max(train_loss, math.log(max(cfg.num_classes, 2)))
 
 
@@ -428,6 +429,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed = self._maybe_resume()
         self.compile_reported = False  # the first step's time, when it includes compiling (or loading) code
+        self.lagging_loss: float | None = None  # the last validation loss, when it suggested lagging statistics
         self.lag_warned = False  # the advice to use precise_bn, given once a run
 
         net: nn.Module = self.model
@@ -672,16 +674,21 @@ class Trainer:
                 f"top-5 {100 * evaluation.top5:.2f}%  loss {evaluation.loss:.4f}  "
                 f"({evaluation.count} images{evaluation.describe_unreadable()}, {eval_time:.1f} s)"
             )
-            if not cfg.precise_bn and not self.lag_warned and statistics_lag(evaluation.loss, train_loss, cfg):
+            # a first epoch from scratch often evaluates so (the demo: 111.7, then 0.93): only a second
+            # validation in a row says the statistics do not catch up by themselves
+            lagging = not cfg.precise_bn and statistics_lag(evaluation.loss, train_loss, cfg)
+            if lagging and self.lagging_loss is not None and not self.lag_warned:
                 self.lag_warned = True
                 self._warn(
-                    f"the validation loss, {evaluation.loss:,.1f}, is more than 10 times both the training loss "
-                    f"({train_loss:.3f}) and a uniform guess's ({math.log(cfg.num_classes):.3f}): BatchNorm's "
+                    f"the validation loss, {evaluation.loss:,.1f} (and {self.lagging_loss:,.1f} at the validation "
+                    f"before), is more than 10 times both the training loss ({train_loss:.3f}) and a uniform "
+                    f"guess's ({math.log(cfg.num_classes):.3f}): BatchNorm's "
                     f"running statistics probably lag the weights ({self.steps_per_epoch} optimizer steps an "
                     "epoch, and fine-tuning or a high lr moves the weights fast). --precise_bn 1024 recomputes "
                     "them from training images before each validation; `shufflenetv2 recalibrate` does it for "
                     "weights already saved"
                 )
+            self.lagging_loss = evaluation.loss if lagging else None
         row.update(eval_time=eval_time, total_time=time.perf_counter() - train_start)
         if record is not None:  # before the checkpoint: a crash in between repeats the row, never loses it
             try:
