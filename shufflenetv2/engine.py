@@ -37,7 +37,7 @@ from .factory import create_model, model_from_weights
 from .fileio import RunLock, atomic_path, check_writable, lock_run_directory, storage_error
 from .host_memory import keep_freed_memory
 from .interrupt import StopRequest, TrainingInterrupted
-from .precise_bn import first_inputs, recompute_batchnorm_statistics
+from .precise_bn import recompute_from_loader
 from .predict import Network, onnx_network, settings_warning
 from .runlog import RunRecord, plot_curves, setup_logger
 from .weights import load_weights, read_weights, save_weights
@@ -714,11 +714,12 @@ class Trainer:
         batches again draws nothing from the loop's random state (``test_precise_bn_changes_only...``)."""
         cfg, ctx = self.cfg, self.ctx
         start = time.perf_counter()
-        batches = min(self.batches_per_epoch, math.ceil(cfg.precise_bn / (cfg.batch_size * ctx.world_size)))
         models = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        self.train_loader.sampler.set_epoch(epoch)
-        images = first_inputs(self.train_loader, self.train_inputs, batches)
-        fed = recompute_batchnorm_statistics(models, images, self.precision.autocast(ctx.device))
+        global_batch = cfg.batch_size * ctx.world_size
+        autocast = self.precision.autocast(ctx.device)
+        fed = recompute_from_loader(
+            models, self.train_loader, self.train_inputs, cfg.precise_bn, global_batch, epoch, autocast
+        )
         seconds = time.perf_counter() - start
         if epoch == self.first_epoch:
             which = "the network's and its EMA's" if self.ema is not None else "the network's"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ def recompute_batchnorm_statistics(
     modes = [(module, module.training) for model in models for module in model.modules()]
     device = layers[0].running_mean.device
     # per layer, the sums over batches of the batch mean and of the batch variance plus the squared mean
-    sums = [torch.zeros(2, bn.num_features, dtype=torch.float64, device=device) for bn in layers]
+    sums = {bn: torch.zeros(2, bn.num_features, dtype=torch.float64, device=device) for bn in layers}
     fed, replaced = 0, False
     try:
         for bn in layers:
@@ -75,16 +75,14 @@ def recompute_batchnorm_statistics(
             if images is None:
                 continue
             fed += 1
-            first = 0
             for model, group in zip(models, groups, strict=True):
                 with autocast if autocast is not None else contextlib.nullcontext():
                     model(images)
-                for bn, total in zip(group, sums[first : first + len(group)], strict=True):
+                for bn in group:
                     mean = bn.running_mean.double()
-                    total += torch.stack([mean, bn.running_var.double() + mean * mean])
-                first += len(group)
+                    sums[bn] += torch.stack([mean, bn.running_var.double() + mean * mean])
         totals = torch.cat(
-            [*(s.flatten() for s in sums), torch.tensor([float(fed)], dtype=torch.float64, device=device)]
+            [*(sums[bn].flatten() for bn in layers), torch.tensor([float(fed)], dtype=torch.float64, device=device)]
         )
         dist.all_reduce_sum(totals)
         count = int(totals[-1])
@@ -107,11 +105,22 @@ def recompute_batchnorm_statistics(
             module.training = training
 
 
-def first_inputs(
-    loader: Iterable, inputs: Callable[[object], tuple[torch.Tensor | None, ...]], batches: int
-) -> Iterator[torch.Tensor | None]:
-    """The network inputs of ``loader``'s first ``batches`` batches, as ``inputs`` (``DeviceInput``) makes them."""
-    return (inputs(loaded)[0] for loaded in itertools.islice(loader, batches))
+def recompute_from_loader(
+    models: Sequence[nn.Module],
+    loader: torch.utils.data.DataLoader,
+    inputs: DeviceInput,
+    images: int,
+    global_batch: int,
+    epoch: int = 0,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> int:
+    """``recompute_batchnorm_statistics`` over the first batches of ``loader``'s epoch ``epoch`` that hold
+    at least ``images`` images over all ranks (``global_batch`` a step), at most one epoch's, as
+    ``inputs`` (``DeviceInput``) makes them; returns the batches fed over all ranks."""
+    batches = min(len(loader), math.ceil(images / global_batch))
+    loader.sampler.set_epoch(epoch)
+    fed = (inputs(loaded)[0] for loaded in itertools.islice(loader, batches))
+    return recompute_batchnorm_statistics(models, fed, autocast)
 
 
 def recalibrate(model: nn.Module, cfg: Config, images: int, device: torch.device) -> tuple[int, str]:
@@ -121,8 +130,6 @@ def recalibrate(model: nn.Module, cfg: Config, images: int, device: torch.device
     number of images fed and the split's description."""
     dataset = data.build_dataset(cfg, cfg.train_split, train=True)
     loader = data.build_loader(cfg, dataset, train=True, seed=cfg.seed)
-    loader.sampler.set_epoch(0)
-    batches = min(len(loader), math.ceil(images / cfg.batch_size))
     inputs = DeviceInput(cfg, train=True, device=device)
-    fed = recompute_batchnorm_statistics([model], first_inputs(loader, inputs, batches))
+    fed = recompute_from_loader([model], loader, inputs, images, cfg.batch_size)
     return fed * cfg.batch_size, data.describe_dataset(dataset)
